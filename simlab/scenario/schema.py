@@ -1,0 +1,343 @@
+"""The scenario schema: typed sections with defaults; validation in :mod:`simlab.scenario.loader`.
+
+Rounds are numbered 1..``federation.rounds``. Round 0 is the untrained initial model (evaluated once,
+for forward transfer). A drift ``at: [11]`` means the new domain starts *in* round 11.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from simlab.data.appearance import ScannerParams
+from simlab.data.nifti import NiftiSourceParams
+from simlab.data.phantom import PopulationParams
+from simlab.federated.aggregation import AggregationParams
+from simlab.scenario.loader import ScenarioError, build, read_yaml, set_dotted, to_plain
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: Literal["phantom", "nifti"] = field(
+        default="phantom", metadata={"help": "phantom: embedded MNI152 anatomy; nifti: nnU-Net-layout folders"})
+    image_size: int = field(default=128, metadata={"ge": 16, "le": 1024, "help": "2D slice size (pixels)"})
+    datasets: dict[str, NiftiSourceParams] = field(
+        default_factory=dict, metadata={"help": "nifti source: named datasets that domains refer to"})
+    test_case_fraction: float = field(
+        default=0.2, metadata={"gt": 0.0, "lt": 1.0,
+                               "help": "nifti source: share of each dataset's cases held out for testing"})
+    allow_repeat: bool = field(
+        default=False, metadata={"help": "nifti source: reuse slices when a hospital's stream runs out"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "generated-data cache (default $SIMLAB_CACHE or ~/.cache/simlab)"})
+
+    def check(self):
+        problems = []
+        if self.source == "nifti" and not self.datasets:
+            problems.append(("datasets", "source 'nifti' needs at least one dataset"))
+        return problems
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    scanner: ScannerParams = field(default_factory=ScannerParams)
+    population: PopulationParams = field(default_factory=PopulationParams)
+    dataset: str | None = field(default=None, metadata={"help": "nifti source: name under data.datasets"})
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """How a hospital's domain changes over rounds (the methods are never told).
+
+    none: ``domain`` throughout. abrupt: ``domains[0]`` until ``at[0]``, then ``domains[1]`` … (A→B→A
+    is abrupt with three entries). recurring: cycles through ``domains``, ``period`` rounds each.
+    gradual: ``domains[0]`` until ``start``, ``domains[1]`` from ``end``, in between either a mixture
+    whose share of ``domains[1]`` grows linearly (mode mix) or images whose scanner and population
+    parameters are interpolated (mode interpolate). population: a mixture of cohorts whose weights move
+    linearly from ``weights_start`` (at ``start``) to ``weights_end`` (at ``end``).
+    """
+
+    type: Literal["none", "abrupt", "recurring", "gradual", "population"] = "none"
+    domain: str | None = None
+    domains: list[str] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)
+    period: int | None = field(default=None, metadata={"ge": 1})
+    start: int = field(default=1, metadata={"ge": 1})
+    end: int = field(default=1, metadata={"ge": 1})
+    mode: Literal["mix", "interpolate"] = "mix"
+    weights_start: list[float] = field(default_factory=list)
+    weights_end: list[float] = field(default_factory=list)
+
+    def check(self):
+        p = []
+        need = {"none": 0, "abrupt": 2, "recurring": 2, "gradual": 2, "population": 2}[self.type]
+        if self.type == "none":
+            if not self.domain:
+                p.append(("domain", "drift type 'none' needs 'domain'"))
+            return p
+        if len(self.domains) < need:
+            p.append(("domains", f"drift type '{self.type}' needs at least {need} domains"))
+        if self.type == "abrupt":
+            if len(self.at) != len(self.domains) - 1:
+                p.append(("at", f"expected {max(len(self.domains) - 1, 0)} switch rounds (one per change), "
+                                f"found {len(self.at)}"))
+            elif any(b <= a for a, b in zip(self.at, self.at[1:])) or any(r < 2 for r in self.at):
+                p.append(("at", f"switch rounds must be increasing and >= 2, found {self.at}"))
+        if self.type == "recurring" and self.period is None:
+            p.append(("period", "drift type 'recurring' needs 'period' (rounds per visit)"))
+        if self.type == "gradual":
+            if len(self.domains) != 2:
+                p.append(("domains", f"gradual drift goes from one domain to another: 2 domains, found {len(self.domains)}"))
+            if self.end <= self.start:
+                p.append(("end", f"expected end > start ({self.start}), found {self.end}"))
+        if self.type == "population":
+            for key in ("weights_start", "weights_end"):
+                w = getattr(self, key)
+                if len(w) != len(self.domains):
+                    p.append((key, f"expected {len(self.domains)} weights (one per domain), found {len(w)}"))
+                elif any(x < 0 for x in w) or sum(w) <= 0:
+                    p.append((key, f"weights must be >= 0 with a positive sum, found {w}"))
+            if self.end < self.start:
+                p.append(("end", f"expected end >= start ({self.start}), found {self.end}"))
+        return p
+
+    def referenced_domains(self) -> list[str]:
+        return [self.domain] if self.type == "none" and self.domain else list(self.domains)
+
+
+@dataclass(frozen=True)
+class HospitalSpec:
+    id: str
+    drift: DriftSpec
+    size: int = field(default=32, metadata={"ge": 1, "help": "training images in each round's window"})
+    label_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0,
+                                                         "help": "share of window images with labels"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    num_res_units: int = field(default=1, metadata={"ge": 0})
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+
+    def check(self):
+        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
+            return [("channels", f"expected at least 2 positive channel counts, found {self.channels}")]
+        return []
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    rounds: int = field(default=30, metadata={"ge": 1})
+    clients_per_round: int | None = field(default=None, metadata={"ge": 1, "help": "default: every hospital"})
+    local_steps: int = field(default=4, metadata={"ge": 1, "help": "optimiser steps per round"})
+    local_epochs: int | None = field(default=None, metadata={"ge": 1,
+                                                             "help": "if set: epochs over the training set instead of steps"})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0})
+    batch_size: int = field(default=16, metadata={"ge": 1})
+    optimizer: Literal["adam", "sgd"] = "adam"
+    aggregation: AggregationParams = field(default_factory=AggregationParams)
+    round_timeout_s: float = field(default=600.0, metadata={"gt": 0.0,
+                                                            "help": "wait at most this long for replies"})
+    min_replies: int = field(default=1, metadata={"ge": 1, "help": "fewer replies: the round is skipped"})
+
+
+@dataclass(frozen=True)
+class ContinualSpec:
+    method: Literal["sequential", "joint"] = field(
+        default="sequential",
+        metadata={"help": "sequential: train the global model on each window; joint: UPPER BOUND that "
+                          "breaks the no-rehearsal rule on purpose (trains on every window seen so far)"})
+
+
+@dataclass(frozen=True)
+class AugmentationSpec:
+    flip: bool = field(default=False, metadata={"help": "random left-right flips during local training"})
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    every: int = field(default=5, metadata={"ge": 1, "help": "evaluate every k rounds (and at boundaries)"})
+    at_boundaries: bool = True
+    test_size: int = field(default=64, metadata={"ge": 1, "help": "held-out test images per domain"})
+    domains: list[str] | None = field(default=None, metadata={"help": "domains to test on (default: all)"})
+    batch_size: int = field(default=64, metadata={"ge": 1})
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cpus_per_client: float = field(default=1.0, metadata={"gt": 0.0,
+                                                          "help": "CPU cores reserved per virtual hospital"})
+    gpus_per_client: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0,
+                                                                  "help": "GPU share per hospital (default: 1/hospitals on a GPU machine)"})
+    deterministic: bool = field(default=True, metadata={"help": "deterministic torch algorithms"})
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<name>-<time>)"})
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    name: str
+    set: dict[str, Any] = field(default_factory=dict,
+                                metadata={"help": "dotted overrides of continual/federation/model/augmentation/engine"})
+
+
+ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    domains: dict[str, DomainSpec]
+    hospitals: list[HospitalSpec]
+    description: str = ""
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    continual: ContinualSpec = field(default_factory=ContinualSpec)
+    augmentation: AugmentationSpec = field(default_factory=AugmentationSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    arms: list[ArmSpec] = field(default_factory=list)
+
+    def check(self):
+        p: list[tuple[str, str]] = []
+        if not self.domains:
+            p.append(("domains", "at least one named domain is needed"))
+        if not self.hospitals:
+            p.append(("hospitals", "at least one hospital is needed"))
+        ids = [h.id for h in self.hospitals]
+        for i, h in enumerate(self.hospitals):
+            if ids.count(h.id) > 1:
+                p.append((f"hospitals[{i}].id", f"duplicate hospital id {h.id!r}"))
+            for d in h.drift.referenced_domains():
+                if d not in self.domains:
+                    p.append((f"hospitals[{i}].drift", f"unknown domain {d!r} (named domains: {', '.join(self.domains)})"))
+            last = self.federation.rounds
+            if h.drift.type == "abrupt" and h.drift.at and h.drift.at[-1] > last:
+                p.append((f"hospitals[{i}].drift.at", f"switch round {h.drift.at[-1]} is after the last round ({last})"))
+            if (self.data.source == "nifti" and h.drift.type == "gradual" and h.drift.mode == "interpolate"
+                    and all(d in self.domains for d in h.drift.domains)
+                    and len({self.domains[d].dataset for d in h.drift.domains}) > 1):
+                p.append((f"hospitals[{i}].drift.mode",
+                          "interpolation between real-data domains needs both to read the same dataset; use mode 'mix'"))
+            if h.drift.type in ("gradual", "population") and h.drift.start > last:
+                p.append((f"hospitals[{i}].drift.start", f"start {h.drift.start} is after the last round ({last})"))
+        for name, dom in self.domains.items():
+            if self.data.source == "nifti":
+                if dom.dataset is None:
+                    p.append((f"domains.{name}.dataset", "source 'nifti' needs the dataset this domain reads"))
+                elif dom.dataset not in self.data.datasets:
+                    p.append((f"domains.{name}.dataset",
+                              f"unknown dataset {dom.dataset!r} (data.datasets: {', '.join(self.data.datasets) or 'none'})"))
+                if dom.scanner.contrast == "tissue":
+                    p.append((f"domains.{name}.scanner.contrast", "'tissue' contrast needs tissue maps (phantom only)"))
+            elif dom.dataset is not None:
+                p.append((f"domains.{name}.dataset", "only used with data.source 'nifti'"))
+        for d in self.evaluation.domains or []:
+            if d not in self.domains:
+                p.append(("evaluation.domains", f"unknown domain {d!r}"))
+        cpr = self.federation.clients_per_round
+        if cpr is not None and cpr > len(self.hospitals):
+            p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
+        names = [a.name for a in self.arms]
+        for i, a in enumerate(self.arms):
+            if names.count(a.name) > 1:
+                p.append((f"arms[{i}].name", f"duplicate arm name {a.name!r}"))
+            for key in a.set:
+                if key.split(".")[0] not in ARM_SECTIONS:
+                    p.append((f"arms[{i}].set.{key}",
+                              f"arms may only change {', '.join(ARM_SECTIONS)} (streams stay identical across arms)"))
+        return p
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def eval_domains(self) -> list[str]:
+        return list(self.evaluation.domains or self.domains)
+
+    @property
+    def num_classes(self) -> int:
+        if self.data.source == "phantom":
+            return 3
+        from simlab.data.nifti import read_dataset_json
+
+        counts = {len(read_dataset_json(ds.root).labels) if not ds.label_map else len(set(ds.label_map.values()) | {0})
+                  for ds in self.data.datasets.values()}
+        return max(counts)
+
+
+@dataclass(frozen=True)
+class LoadedScenario:
+    """A validated scenario plus one fully resolved Scenario per arm (identical data sections)."""
+
+    source: str
+    base: Scenario
+    arms: dict[str, Scenario]
+    raw: dict
+
+
+def _arm_name(s: Scenario) -> str:
+    return s.continual.method
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: int | None = None,
+                  out: str | None = None) -> LoadedScenario:
+    """Read, override (``--set a.b=value``), validate and resolve a scenario file."""
+    source = str(path)
+    raw = read_yaml(path)
+    return load_scenario_dict(raw, source, overrides, seed, out)
+
+
+def parse_override(text: str, source: str) -> tuple[str, Any]:
+    from simlab.scenario.loader import parse_yaml
+
+    if "=" not in text:
+        raise ScenarioError(source, [(text, "--set expects dotted.key=value")])
+    key, value = text.split("=", 1)
+    return key.strip(), parse_yaml(value, f"--set {key}") if value.strip() else ""
+
+
+def load_scenario_dict(raw: Any, source: str, overrides: list[str] | None = None, seed: int | None = None,
+                       out: str | None = None) -> LoadedScenario:
+    if not isinstance(raw, dict):
+        raise ScenarioError(source, [("", f"expected a mapping at the top level, found {type(raw).__name__}")])
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        key, value = parse_override(item, source)
+        set_dotted(raw, key, value, source)
+    if seed is not None:
+        raw["seed"] = seed
+    if out is not None:
+        raw.setdefault("output", {})
+        if not isinstance(raw["output"], dict):
+            raw["output"] = {}
+        raw["output"]["dir"] = out
+    base: Scenario = build(Scenario, raw, source)
+    arms: dict[str, Scenario] = {}
+    arm_specs = base.arms or [ArmSpec(name=_arm_name(base))]
+    for i, arm in enumerate(arm_specs):
+        arm_raw = copy.deepcopy(raw)
+        arm_raw.pop("arms", None)
+        for key, value in arm.set.items():
+            set_dotted(arm_raw, key, copy.deepcopy(value), source)
+        try:
+            arms[arm.name] = build(Scenario, arm_raw, source)
+        except ScenarioError as exc:
+            raise ScenarioError(source, [(f"arms[{i}] ({arm.name}): {k}", m) for k, m in exc.problems]) from None
+    return LoadedScenario(source=source, base=base, arms=arms, raw=raw)
+
+
+def resolved_dict(loaded: LoadedScenario) -> dict:
+    """The base scenario with every default filled in, plus each arm fully resolved."""
+    out = to_plain(loaded.base)
+    out["resolved_arms"] = {name: {s: to_plain(getattr(sc, s)) for s in ARM_SECTIONS} for name, sc in loaded.arms.items()}
+    return out
+

@@ -1,0 +1,166 @@
+"""Scenario loading: every malformed input is refused with a message naming file, key, expected, found."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from simlab.scenario.loader import ScenarioError
+from simlab.scenario.schema import load_scenario
+
+GOOD = """\
+name: tiny
+seed: 3
+data: {image_size: 64}
+domains:
+  A: {}
+  B: {scanner: {contrast: inverted}}
+hospitals:
+  - id: h1
+    drift: {type: abrupt, domains: [A, B], at: [3]}
+  - id: h2
+    drift: {type: none, domain: A}
+federation: {rounds: 4}
+"""
+
+
+def write(tmp_path, text, name="scenario.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def error_of(path, **kw) -> ScenarioError:
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path, **kw)
+    return info.value
+
+
+def test_good_scenario_fills_defaults(tmp_path):
+    loaded = load_scenario(write(tmp_path, GOOD))
+    sc = loaded.base
+    assert sc.seed == 3 and sc.data.image_size == 64 and sc.federation.rounds == 4
+    assert sc.federation.lr == pytest.approx(1e-3)  # default
+    assert sc.domains["B"].scanner.contrast == "inverted"
+    assert list(loaded.arms) == ["sequential"]  # no arms listed → one arm named after the method
+
+
+@pytest.mark.parametrize(
+    "patch, key, fragments",
+    [
+        ("federation: {rounds: 4, lr: fast}", "federation.lr", ["expected a number", "str 'fast'"]),
+        ("federation: {rounds: 4, rounds_total: 9}", "federation.rounds_total", ["unknown key", "known keys here"]),
+        ("federation: {rounds: 0}", "federation.rounds", ["expected a value >= 1", "found 0"]),
+        ("federation: {rounds: 4, aggregation: {rule: median}}", "federation.aggregation.rule",
+         ["one of 'fedavg', 'ida', 'ida_fedavg'", "str 'median'"]),
+        ("federation: {rounds: 4, clients_per_round: 5}", "federation.clients_per_round", ["expected <= 2", "found 5"]),
+        ("federation: {rounds: 4}\nengine: {device: tpu}", "engine.device", ["one of 'auto', 'cpu', 'cuda'", "'tpu'"]),
+        ("federation: {rounds: 4}\nevaluation: {every: 2, test_size: -1}", "evaluation.test_size", [">= 1", "-1"]),
+    ],
+)
+def test_section_errors_name_key_expected_found(tmp_path, patch, key, fragments):
+    text = GOOD.replace("federation: {rounds: 4}", patch)
+    path = write(tmp_path, text)
+    err = error_of(path)
+    msg = str(err)
+    assert str(path) in msg
+    assert any(k == key for k, _ in err.problems), err.problems
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_drift_errors(tmp_path):
+    err = error_of(write(tmp_path, GOOD.replace("at: [3]", "at: [3, 4]")))
+    assert "expected 1 switch rounds (one per change), found 2" in dict(err.problems)["hospitals[0].drift.at"]
+    err = error_of(write(tmp_path, GOOD.replace("type: none, domain: A", "type: none, domain: Z")))
+    assert "unknown domain 'Z' (named domains: A, B)" in dict(err.problems)["hospitals[1].drift"]
+
+
+def test_switch_after_last_round(tmp_path):
+    err = error_of(write(tmp_path, GOOD.replace("at: [3]", "at: [9]")))
+    assert dict(err.problems)["hospitals[0].drift.at"].startswith("switch round 9 is after the last round (4)")
+
+
+def test_missing_required_and_wrong_container(tmp_path):
+    err = error_of(write(tmp_path, GOOD.replace("  - id: h2\n", "  - size: 8\n")))
+    assert dict(err.problems)["hospitals[1].id"].startswith("missing required key")
+    err = error_of(write(tmp_path, GOOD.replace("domains:\n  A: {}\n  B: {scanner: {contrast: inverted}}",
+                                                "domains: [A, B]")))
+    assert "expected a mapping of a mapping, found list" in dict(err.problems)["domains"]
+
+
+def test_scanner_fields_validated(tmp_path):
+    err = error_of(write(tmp_path, GOOD.replace("{contrast: inverted}", "{contrast: inverted, gibbs: 1.5, blur: [1]}")))
+    keys = dict(err.problems)
+    assert "found 1.5" in keys["domains.B.scanner.gibbs"]
+    assert "expected a number, found list" in keys["domains.B.scanner.blur"]
+
+
+def test_duplicate_hospitals_and_arm_sections(tmp_path):
+    text = GOOD.replace("  - id: h2\n", "  - id: h1\n") + "arms:\n  - {name: a, set: {data.image_size: 32}}\n"
+    err = error_of(write(tmp_path, text))
+    keys = dict(err.problems)
+    assert "duplicate hospital id 'h1'" in keys["hospitals[1].id"]
+    assert "streams stay identical across arms" in keys["arms[0].set.data.image_size"]
+
+
+def test_arm_override_errors_name_the_arm(tmp_path):
+    text = GOOD + "arms:\n  - {name: fast, set: {federation.lr: -1}}\n"
+    err = error_of(write(tmp_path, text))
+    assert any(k.startswith("arms[0] (fast): federation.lr") for k, _ in err.problems), err.problems
+
+
+def test_arms_resolve_on_identical_data(tmp_path):
+    text = GOOD + ("arms:\n  - {name: seq, set: {continual.method: sequential}}\n"
+                   "  - {name: up, set: {continual.method: joint, federation.lr: 0.01}}\n")
+    loaded = load_scenario(write(tmp_path, text))
+    assert loaded.arms["up"].continual.method == "joint" and loaded.arms["up"].federation.lr == 0.01
+    assert loaded.arms["seq"].federation.lr == 1e-3
+    assert loaded.arms["seq"].data == loaded.arms["up"].data and loaded.arms["seq"].hospitals == loaded.arms["up"].hospitals
+
+
+def test_set_overrides_and_seed(tmp_path):
+    loaded = load_scenario(write(tmp_path, GOOD), overrides=["federation.lr=0.05", "hospitals.1.size=7"], seed=11)
+    assert loaded.base.federation.lr == 0.05 and loaded.base.hospitals[1].size == 7 and loaded.base.seed == 11
+    err = error_of(write(tmp_path, GOOD), overrides=["federation.lr=[1, 2]"])
+    assert "expected a number, found list" in dict(err.problems)["federation.lr"]
+    err = error_of(write(tmp_path, GOOD), overrides=["hospitals.5.size=7"])
+    assert "no list element '5'" in str(err)
+
+
+def test_yaml_object_tags_refused(tmp_path):
+    path = write(tmp_path, GOOD + "description: !!python/object/apply:os.system ['echo pwned']\n")
+    err = error_of(path)
+    assert str(path) in str(err) and "invalid YAML" in str(err) and "python/object" in str(err)
+
+
+def test_alias_bomb_refused(tmp_path):
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i, name in enumerate("bcdefghij"):
+        prev = "abcdefghij"[i]
+        lines.append(f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    err = error_of(path)
+    assert "expands to more than" in str(err)
+
+
+def test_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "name: x\ndomains: {A: {}\n")
+    assert "line" in str(error_of(path)) and str(path) in str(error_of(path))
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    assert "file not found" in str(error_of(tmp_path / "nope.yaml"))
+    assert "expected a mapping at the top level, found list" in str(error_of(write(tmp_path, "- 1\n- 2\n")))
+
+
+def test_ready_scenarios_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "scenarios"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "scenarios/ holds no scenario"
+    for f in files:
+        loaded = load_scenario(f)
+        assert loaded.base.hospitals
