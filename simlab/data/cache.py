@@ -1,0 +1,56 @@
+"""On-disk cache of generated arrays, keyed by the content of what produced them.
+
+Data generation is seeded, so a window is a pure function of (generator settings, seed): its SHA-256
+names an ``.npz`` file. Writes go to a temporary file that is renamed into place, so concurrent
+virtual hospitals never read a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SIMLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "simlab"
+
+
+class ArrayCache:
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_cache_dir()
+
+    def key(self, spec: dict) -> str:
+        text = json.dumps({"v": CACHE_VERSION, **spec}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get_or_make(self, spec: dict, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        path = self.path(self.key(spec))
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    return {k: z[k] for k in z.files}
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)  # a damaged entry is regenerated
+        arrays = make()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return arrays
