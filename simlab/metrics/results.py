@@ -1,0 +1,108 @@
+"""From evaluation rows to accuracy matrices and continual-learning metrics (no Flower here).
+
+Per hospital: stages are the maximal runs of rounds with one true domain in that hospital's stream
+(an A→B→A stream has 3 stages); ``R[i][j]`` = Dice of the deployed model on stage j's domain test set,
+evaluated after the last round of stage i; ``b[j]`` = the untrained model (round 0) on that domain.
+
+Pooled (federation level): the named domains in order of first appearance in any stream (ties in
+hospital order); stage i ends the round before domain i+1 first appears anywhere (the last stage ends
+with the run); ``R[i][j]`` = mean over hospitals of their Dice on domain j at the end of stage i. The
+arm-level ``acc``/``bwt``/``fwt``/``forgetting`` in ``summary.json`` come from this pooled matrix;
+each hospital's own values are under ``per_hospital``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from simlab.data.drift import true_domains
+from simlab.metrics.continual import METRIC_LABELS, Stage, all_metrics, build_R, initial_scores, stages_from_domains
+from simlab.scenario.schema import Scenario
+
+
+class DiceTable:
+    """dice[(round, hospital, domain)] for one arm, from metrics.jsonl rows (metric 'dice')."""
+
+    def __init__(self, rows: list[dict], metric: str = "dice"):
+        self.values: dict[tuple[int, str, str], float] = {}
+        for r in rows:
+            if r["metric"] == metric:
+                v = r["value"]
+                self.values[(r["round"], r["hospital"], r["domain"])] = math.nan if v is None else float(v)
+
+    def at(self, t: int, hospital: str, domain: str) -> float:
+        return self.values.get((t, hospital, domain), math.nan)
+
+    def mean_over(self, t: int, hospitals: list[str], domain: str) -> float:
+        vals = [self.at(t, h, domain) for h in hospitals]
+        return float(np.mean(vals)) if vals else math.nan
+
+
+def hospital_stages(scenario: Scenario, hospital_id: str) -> list[Stage]:
+    h = next(h for h in scenario.hospitals if h.id == hospital_id)
+    return stages_from_domains(true_domains(h.drift, scenario.federation.rounds), first_round=1)
+
+
+def pooled_stages(scenario: Scenario) -> list[Stage]:
+    T = scenario.federation.rounds
+    first: dict[str, int] = {}
+    for h in scenario.hospitals:
+        for t, d in enumerate(true_domains(h.drift, T), start=1):
+            if d not in first or t < first[d]:
+                first[d] = t
+    order = sorted(first, key=lambda d: (first[d], list(first).index(d)))
+    starts = [first[d] for d in order]
+    return [Stage(i, d, starts[i], (starts[i + 1] - 1) if i + 1 < len(order) else T) for i, d in enumerate(order)]
+
+
+def _metrics_block(R: np.ndarray, b: np.ndarray, stages: list[Stage]) -> dict:
+    return {
+        **{k: _num(v) for k, v in all_metrics(R, b).items()},
+        "stages": [{"domain": s.domain, "first_round": s.first_round, "last_round": s.last_round} for s in stages],
+        "R": [[_num(x) for x in row] for row in R],
+        "b": [_num(x) for x in b],
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else round(float(x), 6)
+
+
+def arm_results(scenario: Scenario, rows: list[dict]) -> dict:
+    """Per-hospital and pooled R, b and every labelled metric for one arm."""
+    table = DiceTable(rows)
+    ids = [h.id for h in scenario.hospitals]
+    per_hospital = {}
+    for hid in ids:
+        stages = hospital_stages(scenario, hid)
+        R = build_R(stages, lambda t, d, hid=hid: table.at(t, hid, d))
+        b = initial_scores(stages, lambda d, hid=hid: table.at(0, hid, d))
+        per_hospital[hid] = _metrics_block(R, b, stages)
+    stages = pooled_stages(scenario)
+    R = build_R(stages, lambda t, d: table.mean_over(t, ids, d))
+    b = initial_scores(stages, lambda d: table.mean_over(0, ids, d))
+    pooled = _metrics_block(R, b, stages)
+    final_round = scenario.federation.rounds
+    final = {d: _num(table.mean_over(final_round, ids, d)) for d in scenario.eval_domains}
+    return {"pooled": pooled, "per_hospital": per_hospital, "final_dice": final}
+
+
+def dice_by_round(rows: list[dict], hospitals: list[str], domains: list[str]) -> tuple[list[int], np.ndarray]:
+    """Mean (over hospitals) Dice per evaluated round × domain: the trajectory behind R."""
+    table = DiceTable(rows)
+    rounds = sorted({t for (t, _, _) in table.values})
+    M = np.array([[table.mean_over(t, hospitals, d) for d in domains] for t in rounds])
+    return rounds, M
+
+
+def rows_by_arm(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[r["arm"]].append(r)
+    return out
+
+
+LABELS = METRIC_LABELS
