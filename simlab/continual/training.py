@@ -1,0 +1,84 @@
+"""Local training: a few optimiser steps of the U-Net on a hospital's images (no Flower here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simlab.models.unet import build_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    epochs: int | None = None  # when set: full passes over the data instead of `steps`
+    flip: bool = False
+    device: str = "cpu"
+
+
+def pick_device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device is 'cuda' but torch sees no CUDA device")
+    return choice
+
+
+def _batches(n: int, cfg: TrainConfig, gen: torch.Generator):
+    """Index batches: `steps` batches (reshuffling after each pass) or `epochs` full passes."""
+    if cfg.epochs is not None:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            yield from (perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+        return
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(cfg.steps):
+        if pos + min(cfg.batch_size, n) > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+
+
+def train_local(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place; returns mean loss and counts. Deterministic for a given seed."""
+    if len(images) == 0:
+        raise ValueError("no labelled images to train on")
+    device = torch.device(cfg.device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    loss_fn = build_loss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    x_all = torch.from_numpy(np.ascontiguousarray(images))
+    y_all = torch.from_numpy(np.ascontiguousarray(labels)).long().unsqueeze(1)
+    losses = []
+    for idx in _batches(len(x_all), cfg, gen):
+        x, y = x_all[idx].to(device), y_all[idx].to(device)
+        if cfg.flip:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        if augment is not None:
+            x, y = augment(x, y, gen)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty(model)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses)), "num_examples": float(len(images))}
