@@ -1,0 +1,53 @@
+"""Conversions between simlab's plain data and Flower's records (the only place that knows both)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+from simlab.scenario.loader import to_plain
+from simlab.scenario.schema import Scenario
+
+
+def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord, like: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Arrays back from a record. Transport may turn 0-d arrays (BatchNorm's num_batches_tracked) into
+    shape (1,); with ``like`` every array is given back the reference's shape (same size required)."""
+    out = {k: v.numpy() for k, v in record.items()}
+    if like is not None:
+        for k, ref in like.items():
+            if k in out and out[k].shape != ref.shape and out[k].size == ref.size:
+                out[k] = out[k].reshape(ref.shape)
+    return out
+
+
+def state_nbytes(state: dict[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def hospital_part(scenario: Scenario, hospital_id: str) -> str:
+    """The part of the scenario one hospital needs, as JSON: its own stream, the domains it reads or is
+    tested on, and the training settings. Other hospitals and the arm list are left out."""
+    plain = to_plain(scenario)
+    hospital = next(h for h in plain["hospitals"] if h["id"] == hospital_id)
+    spec = next(h for h in scenario.hospitals if h.id == hospital_id)
+    wanted = set(spec.drift.referenced_domains()) | set(scenario.eval_domains)
+    plain["hospitals"] = [hospital]
+    plain["domains"] = {k: v for k, v in plain["domains"].items() if k in wanted}
+    plain["evaluation"]["domains"] = list(scenario.eval_domains)
+    plain.pop("arms")
+    plain.pop("output")
+    return json.dumps(plain, sort_keys=True)
+
+
+def config(**values) -> ConfigRecord:
+    return ConfigRecord(values)
+
+
+def metrics(values: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items()})

@@ -1,0 +1,182 @@
+"""The ServerApp: orchestrates rounds with Flower's Message API (Grid.send_and_receive).
+
+A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
+part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
+arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) by
+sending ``evaluate`` to every hospital. The true domain of each window comes from the scenario's drift
+schedule and is used for evaluation and logging only; it is never sent to a hospital.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from simlab.data.drift import true_domains
+from simlab.federated.aggregation import EmptyAggregation, aggregate, check_update
+from simlab.federated.messages import from_array_record, hospital_part, state_nbytes, to_array_record
+from simlab.models.unet import build_model, state_to_numpy, trainable_keys
+from simlab.runlog import RunLog
+from simlab.scenario.schema import Scenario
+from simlab.seeding import derive_seed, rng, seed_everything
+
+log = logging.getLogger("simlab")
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+def evaluation_rounds(scenario: Scenario) -> list[int]:
+    """Round 0 (initial model), every k rounds, the last round of every stage of every hospital, the end."""
+    T = scenario.federation.rounds
+    rounds = {0, T} | {t for t in range(1, T + 1) if t % scenario.evaluation.every == 0}
+    if scenario.evaluation.at_boundaries:
+        for h in scenario.hospitals:
+            doms = true_domains(h.drift, T)
+            rounds |= {t for t in range(1, T) if doms[t] != doms[t - 1]}  # round t = last of its stage
+    return sorted(rounds)
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of {n} hospitals connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+class Federation:
+    def __init__(self, grid: Grid, scenario: Scenario, runlog: RunLog):
+        self.grid = grid
+        self.sc = scenario
+        self.log = runlog
+        self.ids = [h.id for h in scenario.hospitals]
+        self.parts = {h: hospital_part(scenario, h) for h in self.ids}
+        self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
+        self.timeout = scenario.federation.round_timeout_s
+
+    # ------------------------------------------------------------------ messaging
+    def _send(self, kind: str, targets: list[str], content: dict[str, RecordDict]) -> dict[str, Message]:
+        msgs = [Message(content[h], dst_node_id=self.node_of[h], message_type=kind) for h in targets]
+        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
+        by_node = {self.node_of[h]: h for h in targets}
+        out = {}
+        for reply in replies:
+            h = by_node.get(reply.metadata.src_node_id)
+            if h is not None:
+                out[h] = reply
+        return dict(sorted(out.items(), key=lambda kv: self.ids.index(kv[0])))
+
+    def identify(self) -> None:
+        nodes = wait_for_nodes(self.grid, len(self.ids), self.timeout)
+        ask = RecordDict({"config": ConfigRecord({"hospital-ids": self.ids})})
+        msgs = [Message(ask, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        self.node_of: dict[str, int] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                raise FederationError(f"node {reply.metadata.src_node_id} could not identify its hospital: "
+                                      f"{reply.error.reason}")
+            hid = str(reply.content["config"]["hospital-id"])
+            if hid in self.node_of:
+                raise FederationError(f"two nodes claim hospital {hid!r}")
+            self.node_of[hid] = reply.metadata.src_node_id
+        missing = [h for h in self.ids if h not in self.node_of]
+        if missing:
+            raise FederationError(f"no node answered for hospital(s) {', '.join(missing)}")
+
+    # ------------------------------------------------------------------ phases
+    def evaluate(self, t: int, state: dict[str, np.ndarray]) -> int:
+        arrays = to_array_record(state)
+        content = {h: RecordDict({"arrays": arrays, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
+                   for h in self.ids}
+        replies = self._send(MessageType.EVALUATE, self.ids, content)
+        for h, reply in replies.items():
+            if reply.has_error():
+                log.warning("round %d: evaluation failed at %s: %s", t, h, reply.error.reason)
+                self.log.metric(t, h, None, "eval_failed", 1.0)
+                continue
+            for key, value in sorted(reply.content["metrics"].items()):
+                if "/" in key:
+                    metric, domain = key.split("/", 1)
+                    self.log.metric(t, h, domain, metric, value)
+        return len(self.ids) * state_nbytes(state)
+
+    def train_round(self, t: int, state: dict[str, np.ndarray], keys: set[str]) -> tuple[dict, dict]:
+        fed = self.sc.federation
+        k = fed.clients_per_round or len(self.ids)
+        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
+        targets = [self.ids[i] for i in chosen]
+        arrays = to_array_record(state)
+        content = {h: RecordDict({"arrays": arrays, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
+                   for h in targets}
+        replies = self._send(MessageType.TRAIN, targets, content)
+        entries, failed, up = [], [], 0
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply before the timeout" if reply is None else reply.error.reason
+                log.warning("round %d: %s failed: %s", t, h, reason)
+                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
+                failed.append(h)
+                continue
+            model = from_array_record(reply.content["arrays"], like=state)
+            m = reply.content["metrics"]
+            up += state_nbytes(model)
+            self.log.metric(t, h, self.domains[h][t - 1], "train_loss", m["train_loss"])
+            entries.append((h, model, int(m["num-examples"])))
+        cost = {"sent": targets, "replied": [e[0] for e in entries], "failed": failed,
+                "bytes_down": len(targets) * state_nbytes(state), "bytes_up": up}
+        if len(entries) < fed.min_replies:
+            log.warning("round %d skipped: %d replies < min_replies %d", t, len(entries), fed.min_replies)
+            cost["skipped"] = True
+            return state, cost
+        try:
+            result = aggregate(entries, fed.aggregation, trainable_keys=keys, reference=state)
+        except EmptyAggregation as exc:
+            log.warning("round %d skipped: %s", t, exc)
+            cost["skipped"] = True
+            return state, cost
+        for h, reason in result.rejected.items():
+            log.warning("round %d: update of %s rejected: %s", t, h, reason)
+            self.log.metric(t, h, self.domains[h][t - 1], "update_rejected", 1.0)
+        for h, w in result.weights.items():
+            self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
+        return result.model, cost
+
+    def run(self) -> dict[str, np.ndarray]:
+        sc = self.sc
+        self.identify()
+        log.info("%d hospitals connected and identified", len(self.node_of))
+        seed_everything(derive_seed(sc.seed, "init"))
+        model = build_model(sc.model, sc.num_classes)
+        state, keys = state_to_numpy(model), trainable_keys(model)
+        eval_at = set(evaluation_rounds(sc))
+        start = time.perf_counter()
+        self.evaluate(0, state)
+        self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True)
+        for t in range(1, sc.federation.rounds + 1):
+            start = time.perf_counter()
+            state, cost = self.train_round(t, state, keys)
+            if t in eval_at:
+                cost["bytes_down"] += self.evaluate(t, state)
+            self.log.round_cost(t, wall_time_s=time.perf_counter() - start, evaluated=t in eval_at, **cost)
+        return state
+
+
+def make_server_app(scenario: Scenario, runlog: RunLog) -> ServerApp:
+    """A ServerApp bound to one resolved arm of a scenario and a run log."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        Federation(grid, scenario, runlog).run()
+
+    return app

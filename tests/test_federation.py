@@ -1,0 +1,105 @@
+"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from simlab.cli import main
+
+pytestmark = pytest.mark.flower
+
+TINY = """\
+name: tiny
+seed: 1
+data: {{image_size: 32, cache_dir: {cache}}}
+domains:
+  A: {{}}
+  B: {{scanner: {{contrast: inverted, noise: 0.03}}}}
+hospitals:
+  - id: h1
+    size: 8
+    drift: {{type: abrupt, domains: [A, B], at: [3]}}
+  - id: h2
+    size: 8
+    label_fraction: 0.5
+    drift: {{type: none, domain: A}}
+model: {{channels: [8, 16, 32]}}
+federation: {{rounds: 4, local_steps: 2, batch_size: 4, lr: 0.005}}
+evaluation: {{every: 2, test_size: 6}}
+"""
+
+
+@pytest.fixture()
+def scenario(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(cache=tmp_path / "cache"))
+    return p
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_arms_through_flower(scenario, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", str(scenario), "--out", str(out), "--quiet",
+               "--set", "arms=[{name: sequential, set: {continual.method: sequential}}, "
+                        "{name: joint, set: {continual.method: joint}}]"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "run directory" in printed and "joint" in printed
+    for name in ("scenario.yaml", "metrics.jsonl", "rounds.jsonl", "summary.json", "simlab.log",
+                 "R/sequential/h1.csv", "R/joint/pooled.csv", "dice_by_round/joint.csv"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for arm in ("sequential", "joint"):
+        a = summary["arms"][arm]
+        assert {"acc", "bwt", "fwt", "forgetting", "wall_time_s", "per_hospital"} <= set(a)
+        assert 0.0 <= a["acc"] <= 1.0 and a["wall_time_s"] > 0
+        h1 = a["per_hospital"]["h1"]
+        assert [s["domain"] for s in h1["stages"]] == ["A", "B"] and len(h1["R"]) == 2
+        assert h1["bwt"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0], abs=1e-5)
+        assert a["per_hospital"]["h2"]["bwt"] is None  # one stage: no backward transfer
+    assert summary["arms"]["joint"]["breaks_no_rehearsal"] is True
+    rows = read_rows(out)
+    evals = {(r["arm"], r["round"]) for r in rows if r["metric"] == "dice"}
+    # round 0, every 2 rounds, the last round of h1's first stage (2) and the end (4)
+    assert {t for a, t in evals if a == "sequential"} == {0, 2, 4}
+    dice = [r for r in rows if r["metric"] == "dice" and r["arm"] == "sequential" and r["round"] == 4]
+    assert {(r["hospital"], r["domain"]) for r in dice} == {("h1", "A"), ("h1", "B"), ("h2", "A"), ("h2", "B")}
+    trains = [r for r in rows if r["metric"] == "train_loss" and r["arm"] == "sequential"]
+    assert len(trains) == 8 and {r["domain"] for r in trains if r["hospital"] == "h1" and r["round"] >= 3} == {"B"}
+    weights = [r["value"] for r in rows if r["metric"] == "agg_weight" and r["arm"] == "sequential" and r["round"] == 1]
+    assert weights == pytest.approx([2 / 3, 1 / 3])  # FedAvg ∝ labelled examples: 8 vs 4
+    costs = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert all(c["bytes_up"] > 0 for c in costs if c["round"] > 0)
+
+
+def test_same_seed_identical_metrics(scenario, tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert main(["run", str(scenario), "--out", str(out), "--quiet", "--set", "federation.rounds=3"]) == 0
+        runs.append((out / "metrics.jsonl").read_text())
+    assert runs[0] == runs[1]
+    assert len(runs[0].splitlines()) > 20
+
+
+def test_existing_run_dir_is_not_overwritten(scenario, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_invalid_scenario_exit_code_and_message(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndomains: {A: {}}\nhospitals: [{id: h, drift: {type: none, domain: A}}]\n"
+                   "federation: {rounds: two}\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "federation.rounds: expected an integer, found str 'two'" in err
