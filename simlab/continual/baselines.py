@@ -31,14 +31,14 @@ class Sequential:
         return [t]
 
     def local_update(self, model: torch.nn.Module, stream: HospitalStream, t: int,
-                     state: dict[str, np.ndarray], cfg: TrainConfig, seed: int) -> LocalResult:
+                     state: dict[str, np.ndarray], cfg: TrainConfig, seed: int, augment=None) -> LocalResult:
         rounds = self.rounds_to_train_on(t, state)
         xs, ys = [], []
         for r in rounds:
             w = stream.window(r)
             xs.append(w.images[w.labeled])
             ys.append(w.labels[w.labeled])
-        metrics = train_local(model, np.concatenate(xs), np.concatenate(ys), cfg, seed)
+        metrics = train_local(model, np.concatenate(xs), np.concatenate(ys), cfg, seed, augment=augment)
         return LocalResult(metrics, self.next_state(rounds))
 
     def next_state(self, rounds: list[int]) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ class TrainConfig:
     epochs: int | None = None  # when set: full passes over the data instead of `steps`
     flip: bool = False
     device: str = "cpu"
+    episodic: bool = False  # FedDG episodic step (needs an augmentation); meta step size = lr
 
 
 def pick_device(choice: str) -> str:
@@ -45,16 +46,34 @@ def _batches(n: int, cfg: TrainConfig, gen: torch.Generator):
         pos += cfg.batch_size
 
 
+def _episodic_loss(model, loss_fn, x, x_aug, y, beta: float) -> torch.Tensor:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    inner = loss_fn(model(x), y)
+    grads = torch.autograd.grad(inner, params, retain_graph=True)
+    fast = {n: p - beta * g.detach().clamp(-100, 100) for n, p, g in zip(names, params, grads)}
+    outer = loss_fn(torch.func.functional_call(model, fast, (x_aug,)), y)
+    return inner + outer
+
+
 def train_local(
     model: torch.nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
     cfg: TrainConfig,
     seed: int,
-    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place; returns mean loss and counts. Deterministic for a given seed."""
+    """Train ``model`` in place; returns mean loss and counts. Deterministic for a given seed.
+
+    ``augment`` maps a batch of images to a batch of (partly) augmented images. With
+    ``cfg.episodic`` each step is FedDG's episodic (meta) step, first-order as in the released code:
+    an inner loss on the raw batch gives fast weights θ' = θ − β∇L_inner (β = lr, gradient detached),
+    an outer loss on the augmented batch is taken with θ', and θ is updated on L_inner + L_outer.
+    """
+    if cfg.episodic and augment is None:
+        raise ValueError("the episodic step needs an augmentation (augmentation.frequency.enabled)")
     if len(images) == 0:
         raise ValueError("no labelled images to train on")
     device = torch.device(cfg.device)
@@ -72,10 +91,11 @@ def train_local(
         if cfg.flip:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-        if augment is not None:
-            x, y = augment(x, y, gen)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        if cfg.episodic:
+            loss = _episodic_loss(model, loss_fn, x, augment(x), y, cfg.lr)
+        else:
+            loss = loss_fn(model(augment(x) if augment is not None else x), y)
         if penalty is not None:
             loss = loss + penalty(model)
         loss.backward()

@@ -23,7 +23,7 @@ from simlab.data.appearance import ScannerParams, apply_scanner
 from simlab.data.cache import ArrayCache
 from simlab.data.drift import WindowPlan, plan, true_domains
 from simlab.scenario.loader import to_plain
-from simlab.scenario.schema import DataSpec, DomainSpec, HospitalSpec
+from simlab.scenario.schema import DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.seeding import derive_seed, rng
 
 
@@ -48,6 +48,13 @@ class DataFactory:
         self.seed = seed
         self.test_size = test_size
         self.cache = ArrayCache(data.cache_dir)
+        self._windows: dict[tuple[str, int], Window] = {}  # in-process, for rehearsal baselines
+
+    MEMORY_WINDOWS = 64
+
+    @cached_property
+    def num_classes(self) -> int:
+        return num_classes_of(self.data)
 
     # ----------------------------------------------------------------- shared pieces
     def _spec(self, **extra) -> dict:
@@ -69,6 +76,14 @@ class DataFactory:
         return z["images"], z["labels"]
 
     def window(self, hospital: HospitalSpec, t: int) -> Window:
+        key = (hospital.id, t)
+        if key not in self._windows:
+            if len(self._windows) >= self.MEMORY_WINDOWS:
+                self._windows.pop(next(iter(self._windows)))
+            self._windows[key] = self._load_window(hospital, t)
+        return self._windows[key]
+
+    def _load_window(self, hospital: HospitalSpec, t: int) -> Window:
         p = plan(hospital.drift, t)
         spec = self._spec(kind="window", hospital=to_plain(hospital),
                           domains={d: to_plain(self.domains[d]) for d in hospital.drift.referenced_domains()}, t=t)
@@ -78,6 +93,7 @@ class DataFactory:
             order = rng(self.seed, "labeled", hospital.id, t).permutation(len(x))
             labeled = np.zeros(len(x), bool)
             labeled[order[: max(1, round(hospital.label_fraction * len(x)))]] = True
+            y = corrupt_labels(y, hospital, rng(self.seed, "corrupt", hospital.id, t), self.num_classes)
             return {"images": x, "labels": y, "labeled": labeled}
 
         z = self.cache.get_or_make(spec, make)
@@ -195,6 +211,25 @@ class DataFactory:
         perm = rng(self.seed, "perm", hospital.id, domain).permutation(n_pool)
         index = perm[np.arange(used, used + count) % n_pool]
         return self._nifti_draw(domain, "train", index, derive_seed(self.seed, "acq", hospital.id, t, domain), raw)
+
+
+def corrupt_labels(labels: np.ndarray, hospital: HospitalSpec, gen: np.random.Generator,
+                   num_classes: int) -> np.ndarray:
+    """A broken hospital's training labels (never its test sets): on a ``corruption_fraction`` share
+    of the images, swap_labels exchanges foreground classes 1 and 2; random_labels draws each pixel's
+    label uniformly from all classes."""
+    if hospital.corruption == "none" or hospital.corruption_fraction == 0:
+        return labels
+    y = labels.copy()
+    hit = gen.random(len(y)) < hospital.corruption_fraction
+    if hospital.corruption == "swap_labels":
+        one, two = y[hit] == 1, y[hit] == 2
+        sub = y[hit]
+        sub[one], sub[two] = 2, 1
+        y[hit] = sub
+    else:
+        y[hit] = gen.integers(0, num_classes, size=y[hit].shape, dtype=y.dtype)
+    return y
 
 
 class HospitalStream:

@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.continual.baselines import make_method
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
@@ -74,6 +75,27 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"config": ConfigRecord({"hospital-id": hid})}), reply_to=msg)
 
 
+@app.query("bank")
+def share_amplitudes(msg: Message, context: Context) -> Message:
+    """FedDG: low-frequency amplitude blocks of a sample of this round's window. Only these blocks
+    leave the hospital; images and phases never do."""
+    cfg = msg.content["config"]
+    scenario, stream, _ = _task(str(cfg["task"]))
+    t = int(cfg["round"])
+    window = stream.window(t)
+    blocks = make_bank_entries(torch.from_numpy(window.images), scenario.augmentation.frequency,
+                               np.random.default_rng(derive_seed(scenario.seed, "bank", stream.hospital.id, t)))
+    return Message(RecordDict({"bank": to_array_record({"blocks": blocks.numpy()})}), reply_to=msg)
+
+
+def _augmenter(scenario: Scenario, msg: Message, hospital_id: str, t: int) -> FrequencyAugmenter | None:
+    if not scenario.augmentation.frequency.enabled or "bank" not in msg.content:
+        return None
+    bank = {h: torch.from_numpy(a) for h, a in from_array_record(msg.content["bank"]).items()}
+    gen = torch.Generator().manual_seed(derive_seed(scenario.seed, "augment", hospital_id, t))
+    return FrequencyAugmenter(scenario.augmentation.frequency, bank, hospital_id, gen)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
@@ -83,11 +105,13 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(scenario, msg.content["arrays"], device)
     fed = scenario.federation
     train_cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                            epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device)
+                            epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device,
+                            episodic=scenario.augmentation.frequency.enabled and scenario.augmentation.frequency.episodic)
     method = make_method(scenario.continual.method)
     state = from_array_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
     result = method.local_update(model, stream, t, state, train_cfg,
-                                 seed=derive_seed(scenario.seed, "train", stream.hospital.id, t))
+                                 seed=derive_seed(scenario.seed, "train", stream.hospital.id, t),
+                                 augment=_augmenter(scenario, msg, stream.hospital.id, t))
     if result.state:
         context.state[STATE_KEY] = to_array_record(result.state)
     content = RecordDict({"arrays": to_array_record(state_to_numpy(model)),

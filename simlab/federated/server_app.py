@@ -62,6 +62,7 @@ class Federation:
         self.parts = {h: hospital_part(scenario, h) for h in self.ids}
         self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
         self.timeout = scenario.federation.round_timeout_s
+        self.bank: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ messaging
     def _send(self, kind: str, targets: list[str], content: dict[str, RecordDict]) -> dict[str, Message]:
@@ -109,13 +110,33 @@ class Federation:
                     self.log.metric(t, h, domain, metric, value)
         return len(self.ids) * state_nbytes(state)
 
+    def share_amplitudes(self, t: int) -> int:
+        """FedDG bank: every hospital shares low-frequency amplitude blocks (never images or phases);
+        the server keeps the latest blocks of each and sends the bank with every train message."""
+        content = {h: RecordDict({"config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in self.ids}
+        up = 0
+        for h, reply in self._send(f"{MessageType.QUERY}.bank", self.ids, content).items():
+            if reply.has_error():
+                log.warning("round %d: %s shared no amplitude blocks: %s", t, h, reply.error.reason)
+                continue
+            self.bank[h] = from_array_record(reply.content["bank"])["blocks"]
+            up += self.bank[h].nbytes
+        return up
+
     def train_round(self, t: int, state: dict[str, np.ndarray], keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         k = fed.clients_per_round or len(self.ids)
         chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
         targets = [self.ids[i] for i in chosen]
         arrays = to_array_record(state)
-        content = {h: RecordDict({"arrays": arrays, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
+        extra, bank_bytes = {}, 0
+        freq = self.sc.augmentation
+        if freq.frequency.enabled:
+            if not self.bank or (freq.frequency_refresh and (t - 1) % freq.frequency_refresh == 0):
+                bank_bytes += self.share_amplitudes(t)
+            extra["bank"] = to_array_record(self.bank)
+        content = {h: RecordDict({"arrays": arrays, **extra,
+                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})})
                    for h in targets}
         replies = self._send(MessageType.TRAIN, targets, content)
         entries, failed, up = [], [], 0
@@ -133,7 +154,8 @@ class Federation:
             self.log.metric(t, h, self.domains[h][t - 1], "train_loss", m["train_loss"])
             entries.append((h, model, int(m["num-examples"])))
         cost = {"sent": targets, "replied": [e[0] for e in entries], "failed": failed,
-                "bytes_down": len(targets) * state_nbytes(state), "bytes_up": up}
+                "bytes_down": len(targets) * (state_nbytes(state) + state_nbytes(self.bank) * bool(extra)),
+                "bytes_up": up + bank_bytes, "bytes_bank": bank_bytes}
         if len(entries) < fed.min_replies:
             log.warning("round %d skipped: %d replies < min_replies %d", t, len(entries), fed.min_replies)
             cost["skipped"] = True

@@ -4,9 +4,10 @@ Per hospital: stages are the maximal runs of rounds with one true domain in that
 (an A→B→A stream has 3 stages); ``R[i][j]`` = Dice of the deployed model on stage j's domain test set,
 evaluated after the last round of stage i; ``b[j]`` = the untrained model (round 0) on that domain.
 
-Pooled (federation level): the named domains in order of first appearance in any stream (ties in
-hospital order); stage i ends the round before domain i+1 first appears anywhere (the last stage ends
-with the run); ``R[i][j]`` = mean over hospitals of their Dice on domain j at the end of stage i. The
+Pooled (federation level): the named domains grouped by the round in which they first appear in any
+stream (domains that start together form one group, e.g. ``A+B``); stage i ends the round before the
+next group first appears (the last stage ends with the run); ``R[i][j]`` = mean over hospitals and
+over group j's domains of the Dice at the end of stage i. The
 arm-level ``acc``/``bwt``/``fwt``/``forgetting`` in ``summary.json`` come from this pooled matrix;
 each hospital's own values are under ``per_hospital``.
 """
@@ -46,16 +47,22 @@ def hospital_stages(scenario: Scenario, hospital_id: str) -> list[Stage]:
     return stages_from_domains(true_domains(h.drift, scenario.federation.rounds), first_round=1)
 
 
-def pooled_stages(scenario: Scenario) -> list[Stage]:
+def pooled_stages(scenario: Scenario) -> tuple[list[Stage], dict[str, list[str]]]:
+    """Federation-level stages: named domains grouped by the round they first appear in any stream.
+
+    Returns the stages (``domain`` = the group's label, e.g. ``A+B`` when A and B start together) and
+    the group label → domains map."""
     T = scenario.federation.rounds
     first: dict[str, int] = {}
     for h in scenario.hospitals:
         for t, d in enumerate(true_domains(h.drift, T), start=1):
             if d not in first or t < first[d]:
                 first[d] = t
-    order = sorted(first, key=lambda d: (first[d], list(first).index(d)))
-    starts = [first[d] for d in order]
-    return [Stage(i, d, starts[i], (starts[i + 1] - 1) if i + 1 < len(order) else T) for i, d in enumerate(order)]
+    starts = sorted(set(first.values()))
+    groups = {"+".join(d for d in first if first[d] == r): [d for d in first if first[d] == r] for r in starts}
+    stages = [Stage(i, label, starts[i], (starts[i + 1] - 1) if i + 1 < len(starts) else T)
+              for i, label in enumerate(groups)]
+    return stages, groups
 
 
 def _metrics_block(R: np.ndarray, b: np.ndarray, stages: list[Stage]) -> dict:
@@ -81,9 +88,13 @@ def arm_results(scenario: Scenario, rows: list[dict]) -> dict:
         R = build_R(stages, lambda t, d, hid=hid: table.at(t, hid, d))
         b = initial_scores(stages, lambda d, hid=hid: table.at(0, hid, d))
         per_hospital[hid] = _metrics_block(R, b, stages)
-    stages = pooled_stages(scenario)
-    R = build_R(stages, lambda t, d: table.mean_over(t, ids, d))
-    b = initial_scores(stages, lambda d: table.mean_over(0, ids, d))
+    stages, groups = pooled_stages(scenario)
+
+    def pooled_at(t: int, label: str) -> float:
+        return float(np.mean([table.mean_over(t, ids, d) for d in groups[label]]))
+
+    R = build_R(stages, pooled_at)
+    b = initial_scores(stages, lambda label: pooled_at(0, label))
     pooled = _metrics_block(R, b, stages)
     final_round = scenario.federation.rounds
     final = {d: _num(table.mean_over(final_round, ids, d)) for d in scenario.eval_domains}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from simlab.augment.frequency import FrequencyParams
 from simlab.data.appearance import ScannerParams
 from simlab.data.nifti import NiftiSourceParams
 from simlab.data.phantom import PopulationParams
@@ -114,6 +115,12 @@ class HospitalSpec:
     size: int = field(default=32, metadata={"ge": 1, "help": "training images in each round's window"})
     label_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0,
                                                          "help": "share of window images with labels"})
+    corruption: Literal["none", "swap_labels", "random_labels"] = field(
+        default="none",
+        metadata={"help": "a broken hospital: swap_labels exchanges the foreground classes (1<->2), "
+                          "random_labels draws every pixel's label at random; training labels only"})
+    corruption_fraction: float = field(default=1.0, metadata={"ge": 0.0, "le": 1.0,
+                                                              "help": "share of training images corrupted"})
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,10 @@ class ContinualSpec:
 @dataclass(frozen=True)
 class AugmentationSpec:
     flip: bool = field(default=False, metadata={"help": "random left-right flips during local training"})
+    frequency: FrequencyParams = field(default_factory=FrequencyParams)
+    frequency_refresh: int | None = field(
+        default=None, metadata={"ge": 1, "help": "re-share amplitude blocks every k rounds (default: once, "
+                                                 "from each hospital's first window)"})
 
 
 @dataclass(frozen=True)
@@ -265,13 +276,18 @@ class Scenario:
 
     @property
     def num_classes(self) -> int:
-        if self.data.source == "phantom":
-            return 3
-        from simlab.data.nifti import read_dataset_json
+        return num_classes_of(self.data)
 
-        counts = {len(read_dataset_json(ds.root).labels) if not ds.label_map else len(set(ds.label_map.values()) | {0})
-                  for ds in self.data.datasets.values()}
-        return max(counts)
+
+def num_classes_of(data: DataSpec) -> int:
+    """3 for the phantom; for NIfTI the largest label count over the datasets (after label_map)."""
+    if data.source == "phantom":
+        return 3
+    from simlab.data.nifti import read_dataset_json
+
+    counts = [len(set(ds.label_map.values()) | {0}) if ds.label_map else len(read_dataset_json(ds.root).labels)
+              for ds in data.datasets.values()]
+    return max(counts)
 
 
 @dataclass(frozen=True)

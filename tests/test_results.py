@@ -1,0 +1,56 @@
+"""From evaluation rows to per-hospital and pooled R matrices (synthetic rows, known numbers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from simlab.metrics.results import arm_results, pooled_stages
+from simlab.scenario.schema import load_scenario_dict
+
+RAW = {
+    "name": "r", "domains": {"A": {}, "B": {}, "C": {}},
+    "hospitals": [
+        {"id": "h1", "drift": {"type": "abrupt", "domains": ["A", "B"], "at": [3]}},
+        {"id": "h2", "drift": {"type": "abrupt", "domains": ["C", "A"], "at": [4]}},
+    ],
+    "federation": {"rounds": 5},
+}
+
+
+def rows(dice):
+    return [{"arm": "x", "round": t, "hospital": h, "domain": d, "metric": "dice", "value": v}
+            for (t, h, d), v in dice.items()]
+
+
+def test_pooled_stages_group_domains_that_start_together():
+    sc = load_scenario_dict(RAW, "<t>").base
+    stages, groups = pooled_stages(sc)
+    assert [(s.domain, s.first_round, s.last_round) for s in stages] == [("A+C", 1, 2), ("B", 3, 5)]
+    assert groups == {"A+C": ["A", "C"], "B": ["B"]}
+
+
+def test_per_hospital_and_pooled_matrices():
+    sc = load_scenario_dict(RAW, "<t>").base
+    # a model whose Dice on every domain depends only on the round, except B which it learns in r3
+    table = {}
+    for t, (a, b, c) in {0: (0.1, 0.1, 0.1), 2: (0.8, 0.2, 0.7), 3: (0.6, 0.9, 0.7), 5: (0.5, 0.9, 0.4)}.items():
+        for h in ("h1", "h2"):
+            table.update({(t, h, "A"): a, (t, h, "B"): b, (t, h, "C"): c})
+    res = arm_results(sc, rows(table))
+    h1 = res["per_hospital"]["h1"]
+    assert h1["R"] == [[0.8, 0.2], [0.5, 0.9]]  # stage A ends r2, stage B ends r5
+    assert h1["bwt"] == pytest.approx(0.5 - 0.8)
+    assert h1["fwt"] == pytest.approx(0.2 - 0.1)
+    h2 = res["per_hospital"]["h2"]  # C until r3, then A
+    assert h2["R"] == [[0.7, 0.6], [0.4, 0.5]]
+    assert h2["bwt"] == pytest.approx(0.4 - 0.7) and h2["forgetting"] == pytest.approx(0.3)
+    pooled = res["pooled"]  # stages A+C (ends r2) and B (ends r5)
+    assert pooled["R"] == [[pytest.approx(0.75), 0.2], [pytest.approx(0.45), 0.9]]
+    assert pooled["bwt"] == pytest.approx(0.45 - 0.75)
+    assert res["final_dice"] == {"A": 0.5, "B": 0.9, "C": 0.4}
+
+
+def test_missing_evaluation_stays_nan_not_zero():
+    sc = load_scenario_dict(RAW, "<t>").base
+    res = arm_results(sc, rows({(5, "h1", "A"): 0.5}))
+    assert res["per_hospital"]["h1"]["bwt"] is None and res["per_hospital"]["h1"]["R"][0][0] is None

@@ -1,0 +1,81 @@
+"""Local training: determinism, the episodic (FedDG) step, corrupted hospitals, joint rehearsal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from simlab.augment.frequency import FrequencyAugmenter, FrequencyParams
+from simlab.continual.baselines import Joint, Sequential
+from simlab.continual.training import TrainConfig, train_local
+from simlab.data.streams import corrupt_labels
+from simlab.models.unet import build_model, state_to_numpy
+from simlab.scenario.schema import HospitalSpec, ModelSpec, DriftSpec
+
+SMALL = ModelSpec(channels=[4, 8, 16])
+
+
+def data(n=8, size=32, seed=0):
+    g = np.random.default_rng(seed)
+    y = g.integers(0, 3, size=(n, size, size)).astype(np.uint8)
+    x = (y[:, None] / 2 + 0.1 * g.standard_normal((n, 1, size, size))).astype(np.float32)
+    return x, y
+
+
+def trained(cfg, seed=1, augment=None):
+    torch.manual_seed(0)
+    m = build_model(SMALL, 3)
+    x, y = data()
+    out = train_local(m, x, y, cfg, seed, augment=augment)
+    return state_to_numpy(m), out
+
+
+def test_training_is_deterministic_and_learns():
+    cfg = TrainConfig(steps=6, batch_size=4, lr=0.01)
+    a, out = trained(cfg)
+    b, _ = trained(cfg)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    c, _ = trained(cfg, seed=2)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    assert out["steps"] == 6 and out["num_examples"] == 8
+
+
+def test_epochs_cover_the_data():
+    _, out = trained(TrainConfig(steps=1, batch_size=3, lr=0.01, epochs=2))
+    assert out["steps"] == 2 * 3  # ceil(8/3) batches per epoch
+
+
+def test_episodic_step_differs_from_plain_and_needs_augmentation():
+    bank = {"other": torch.rand(4, 1, 3, 3) * 50}
+    params = FrequencyParams(enabled=True, alpha=0.05, prob=1.0)
+    def aug():
+        return FrequencyAugmenter(params, bank, "me", torch.Generator().manual_seed(0))
+    plain, _ = trained(TrainConfig(steps=3, batch_size=4, lr=0.01), augment=aug())
+    epi, out = trained(TrainConfig(steps=3, batch_size=4, lr=0.01, episodic=True), augment=aug())
+    assert np.isfinite(out["train_loss"])
+    assert any(not np.allclose(plain[k], epi[k]) for k in plain if plain[k].dtype.kind == "f")
+    with pytest.raises(ValueError, match="episodic step needs an augmentation"):
+        trained(TrainConfig(steps=1, batch_size=4, lr=0.01, episodic=True))
+
+
+def test_corrupted_labels_swap_or_randomise_only_the_chosen_share():
+    y = np.tile(np.array([0, 1, 2], np.uint8), (10, 4, 1))
+    h = HospitalSpec(id="bad", drift=DriftSpec(domain="A"), corruption="swap_labels", corruption_fraction=1.0)
+    z = corrupt_labels(y, h, np.random.default_rng(0), 3)
+    assert (z[y == 1] == 2).all() and (z[y == 2] == 1).all() and (z[y == 0] == 0).all()
+    half = HospitalSpec(id="bad", drift=DriftSpec(domain="A"), corruption="random_labels", corruption_fraction=0.5)
+    z = corrupt_labels(y, half, np.random.default_rng(0), 3)
+    changed = [(z[i] != y[i]).any() for i in range(10)]
+    assert 2 <= sum(changed) <= 8
+    clean = HospitalSpec(id="ok", drift=DriftSpec(domain="A"))
+    assert corrupt_labels(y, clean, np.random.default_rng(0), 3) is y
+
+
+def test_joint_rehearses_every_seen_window_sequential_does_not():
+    seq, joint = Sequential(), Joint()
+    assert seq.rounds_to_train_on(3, {}) == [3]
+    state = joint.next_state(joint.rounds_to_train_on(1, {}))
+    state = joint.next_state(joint.rounds_to_train_on(2, state))
+    assert joint.rounds_to_train_on(3, state) == [1, 2, 3]
+    assert joint.breaks_no_rehearsal and not seq.breaks_no_rehearsal
