@@ -113,6 +113,7 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
             "failed_updates": int(sum(len(c.get("failed", [])) for c in arm_costs)),
             "skipped_rounds": int(sum(1 for c in arm_costs if c.get("skipped"))),
             "final_dice": res["final_dice"],
+            **({"pool": res["pool"], "final_dice_oracle": res["final_dice_oracle"]} if "pool" in res else {}),
             "pooled": pooled,
             "per_hospital": res["per_hospital"],
         }

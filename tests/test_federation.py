@@ -103,3 +103,31 @@ def test_invalid_scenario_exit_code_and_message(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "federation.rounds: expected an integer, found str 'two'" in err
+
+
+ODEX = TINY.replace("federation: {{rounds: 4, local_steps: 2, batch_size: 4, lr: 0.005}}",
+                    "federation: {{rounds: 5, local_steps: 3, batch_size: 4, lr: 0.005}}")
+
+
+def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
+    p = tmp_path / "odex.yaml"
+    p.write_text(ODEX.format(cache=tmp_path / "cache"))
+    out = tmp_path / "run"
+    rc = main(["run", str(p), "--out", str(out), "--quiet", "--set",
+               "arms=[{name: odex, set: {continual.method: odex}}, {name: ewc, set: {continual.method: ewc}}]"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    pool = summary["arms"]["odex"]["pool"]
+    # h1 switches to an inverted-contrast scanner in round 3: one fork, by h1, in that round
+    assert pool["forks"] == [{"round": 3, "hospital": "h1", "member": 1, "true_domain": "B"}]
+    assert pool["pool_size_by_round"] == [1, 1, 2, 2, 2]
+    assert pool["detection_delays"] == [0] and pool["false_alarms"] == 0
+    assert pool["routing_purity"] == 1.0
+    rows = read_rows(out)
+    assert any(r["metric"] == "dice_oracle" for r in rows)
+    assert "pool" not in summary["arms"]["ewc"] and 0.0 <= summary["arms"]["ewc"]["acc"] <= 1.0
+    costs = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    odex = [c for c in costs if c["arm"] == "odex" and c["round"] > 1]
+    seq_model_bytes = costs[1]["bytes_down"] // 2
+    # the query ships histories, not models: far less than one model per hospital
+    assert all(c["bytes_down"] < 2 * seq_model_bytes + 2 * 0.5 * seq_model_bytes for c in odex if not c["evaluated"])

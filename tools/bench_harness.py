@@ -77,7 +77,7 @@ def bare_loop(sc) -> float:
                 dice_per_class(predict(m, x, sc.evaluation.batch_size, "cpu"), torch.from_numpy(y.astype(np.int64)), 3)
 
     evaluate()
-    method = make_method(sc.continual.method)
+    method = make_method(sc.continual)
     for t in range(1, fed.rounds + 1):
         entries = []
         for s in streams:

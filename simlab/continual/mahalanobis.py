@@ -312,12 +312,13 @@ class GaussianStats:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> GaussianStats:
+        # Scalars may arrive as 0-d or as single-element arrays (transport flattens 0-d arrays).
         return cls(
-            int(np.asarray(arrays["n"])),
+            int(np.asarray(arrays["n"]).reshape(())),
             np.asarray(arrays["mean"], dtype=np.float64),
             np.asarray(arrays["m2"], dtype=np.float64),
             np.asarray(arrays["m3"], dtype=np.float64),
-            float(np.asarray(arrays["m4"])),
+            float(np.asarray(arrays["m4"]).reshape(())),
         )
 
 

@@ -66,7 +66,7 @@ def simulate(scenario: Scenario, runlog: RunLog) -> None:
     backend_config = {
         "client_resources": resources,
         "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": n_gpus, "logging_level": "ERROR",
-                      "log_to_driver": True, "include_dashboard": False},
+                      "log_to_driver": False, "include_dashboard": False},
     }
     run_simulation(
         server_app=make_server_app(scenario, runlog),

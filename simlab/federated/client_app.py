@@ -12,14 +12,15 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.continual.baselines import make_method
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
-from simlab.federated.messages import from_array_record, metrics, to_array_record
+from simlab.continual.odex import combine, fit_entry, member_scores, member_threshold, window_features
+from simlab.federated.messages import from_array_record, metrics, to_array_record, unpack_histories
 from simlab.metrics.segmentation import dice_per_class, predict
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
 from simlab.scenario.loader import build
@@ -107,7 +108,8 @@ def train(msg: Message, context: Context) -> Message:
     train_cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
                             epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device,
                             episodic=scenario.augmentation.frequency.enabled and scenario.augmentation.frequency.episodic)
-    method = make_method(scenario.continual.method)
+    method = make_method(scenario.continual)
+    entry = _odex_entry(scenario, model, stream.window(t), t, device) if scenario.continual.method == "odex" else None
     state = from_array_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
     result = method.local_update(model, stream, t, state, train_cfg,
                                  seed=derive_seed(scenario.seed, "train", stream.hospital.id, t),
@@ -116,22 +118,99 @@ def train(msg: Message, context: Context) -> Message:
         context.state[STATE_KEY] = to_array_record(result.state)
     content = RecordDict({"arrays": to_array_record(state_to_numpy(model)),
                           "metrics": metrics({**result.metrics, "num-examples": result.metrics["num_examples"]})})
+    if entry is not None:
+        content["entry"] = to_array_record({k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")})
     return Message(content, reply_to=msg)
+
+
+def _odex_entry(scenario: Scenario, model: torch.nn.Module, window, t: int, device: str):
+    """Statistics of this round's whole window (labelled or not) under the member's first block as
+    received (before training); the server adds the first-block weights it sent."""
+    odex = scenario.continual.odex
+    z = window_features(model, odex.features, window.images, device=device)
+    return fit_entry(z, {}, odex.shift, t)
+
+
+def _histories(msg: Message) -> dict[int, list]:
+    return unpack_histories(msg.content)
+
+
+@app.query("shift")
+def shift_scores(msg: Message, context: Context) -> Message:
+    """ODEx query: mean normalised score of this round's window under every entry of every member."""
+    cfg = msg.content["config"]
+    scenario, stream, _ = _task(str(cfg["task"]))
+    device = _setup(scenario)
+    odex = scenario.continual.odex
+    template = build_model(scenario.model, scenario.num_classes).to(device)
+    window = stream.window(int(cfg["round"]))
+    out = {}
+    for m, history in _histories(msg).items():
+        s = member_scores(template, odex.features, odex.shift, history, window.images, device)
+        out[f"s{m}"] = [float(v) for v in s.mean(axis=1)]
+    return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
+
+
+@app.query("dice")
+def window_dice(msg: Message, context: Context) -> Message:
+    """DiceEx query: Dice of the received member on this round's labelled window, before training."""
+    cfg = msg.content["config"]
+    scenario, stream, _ = _task(str(cfg["task"]))
+    device = _setup(scenario)
+    model = _model(scenario, msg.content["arrays"], device)
+    w = stream.window(int(cfg["round"]))
+    pred = predict(model, w.images[w.labeled], scenario.evaluation.batch_size, device)
+    dice = dice_per_class(pred, torch.from_numpy(w.labels[w.labeled].astype(np.int64)), scenario.num_classes)
+    return Message(RecordDict({"metrics": metrics({"dice": float(dice.mean())})}), reply_to=msg)
+
+
+def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
+    out[f"{name}/{domain}"] = float(dice.mean())
+    if name == "dice":
+        for c in range(dice.shape[1]):
+            out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Dice of the deployed model on every domain's test set. With an ODEx pool: each image is routed
+    to the member with the lowest score / threshold (``dice``), and also sent to the member that
+    trained most on the image's true domain (``dice_oracle``); ``routing_purity`` is the share of a
+    domain's images routed to that member."""
     cfg = msg.content["config"]
     scenario, _, factory = _task(str(cfg["task"]))
     device = _setup(scenario)
-    model = _model(scenario, msg.content["arrays"], device)
     out: dict[str, float] = {}
+    pool_ids = [int(m) for m in cfg["members"]] if "members" in cfg else []
+    if pool_ids:
+        models = {m: _model(scenario, msg.content[f"m{m}"], device) for m in pool_ids}
+        histories = _histories(msg)
+        oracle = json.loads(str(cfg["oracle"]))
+        odex = scenario.continual.odex
+        template = build_model(scenario.model, scenario.num_classes).to(device)
     for domain in scenario.eval_domains:
         images, labels = factory.test_set(domain)
-        pred = predict(model, images, scenario.evaluation.batch_size, device)
-        dice = dice_per_class(pred, torch.from_numpy(labels.astype(np.int64)), scenario.num_classes)
-        out[f"dice/{domain}"] = float(dice.mean())
-        for c in range(dice.shape[1]):
-            out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())
+        target = torch.from_numpy(labels.astype(np.int64))
+        if not pool_ids:
+            pred = predict(_model(scenario, msg.content["arrays"], device), images, scenario.evaluation.batch_size, device)
+            _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
+            continue
+        scored = [m for m in pool_ids if histories.get(m)]
+        if scored:
+            S = np.stack([combine(member_scores(template, odex.features, odex.shift, histories[m], images, device),
+                                  odex.shift) / member_threshold(histories[m], odex.shift) for m in scored], axis=1)
+            routed = np.array(scored)[np.argmin(S, axis=1)]
+        else:
+            routed = np.full(len(images), pool_ids[0])
+        pred = torch.zeros_like(target)
+        for m in np.unique(routed):
+            sel = routed == m
+            pred[torch.from_numpy(sel)] = predict(models[int(m)], images[sel], scenario.evaluation.batch_size, device)
+        _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
+        if domain in oracle:  # only for domains some member has trained on
+            best = int(oracle[domain])
+            pred_o = predict(models[best], images, scenario.evaluation.batch_size, device)
+            _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, scenario.num_classes))
+            out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
     out["num-examples"] = float(len(scenario.eval_domains) * scenario.evaluation.test_size)
     return Message(RecordDict({"metrics": metrics(out)}), reply_to=msg)

@@ -51,3 +51,24 @@ def config(**values) -> ConfigRecord:
 
 def metrics(values: dict[str, float]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in values.items()})
+
+
+def pack_histories(histories: dict[int, list]) -> dict[str, ArrayRecord]:
+    """ODEx member histories as records ``h<member>.<index>`` (entries carry their first block)."""
+    return {f"h{m}.{i}": to_array_record(e.to_arrays()) for m, entries in histories.items()
+            for i, e in enumerate(entries)}
+
+
+def unpack_histories(content) -> dict[int, list]:
+    from simlab.continual.odex import Entry
+
+    found: dict[int, dict[int, object]] = {}
+    for key, record in content.array_records.items():
+        if key.startswith("h") and "." in key and key[1:].split(".")[0].isdigit():
+            m, i = (int(x) for x in key[1:].split("."))
+            found.setdefault(m, {})[i] = Entry.from_arrays(from_array_record(record))
+    return {m: [entries[i] for i in sorted(entries)] for m, entries in sorted(found.items())}
+
+
+def records_nbytes(records: dict[str, ArrayRecord]) -> int:
+    return int(sum(v.numpy().nbytes for r in records.values() for v in r.values()))

@@ -98,7 +98,10 @@ class Federation:
         arrays = to_array_record(state)
         content = {h: RecordDict({"arrays": arrays, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
                    for h in self.ids}
-        replies = self._send(MessageType.EVALUATE, self.ids, content)
+        self._collect_eval(t, self._send(MessageType.EVALUATE, self.ids, content))
+        return len(self.ids) * state_nbytes(state)
+
+    def _collect_eval(self, t: int, replies: dict[str, Message]) -> None:
         for h, reply in replies.items():
             if reply.has_error():
                 log.warning("round %d: evaluation failed at %s: %s", t, h, reply.error.reason)
@@ -108,7 +111,15 @@ class Federation:
                 if "/" in key:
                     metric, domain = key.split("/", 1)
                     self.log.metric(t, h, domain, metric, value)
-        return len(self.ids) * state_nbytes(state)
+
+    def sample(self, t: int) -> list[str]:
+        """Hospitals of round t: a seeded sample, in hospital order."""
+        k = self.sc.federation.clients_per_round or len(self.ids)
+        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
+        return [self.ids[i] for i in chosen]
+
+    def setup_model(self, model, state: dict[str, np.ndarray]) -> None:
+        """Hook for methods that keep more than one model on the server."""
 
     def share_amplitudes(self, t: int) -> int:
         """FedDG bank: every hospital shares low-frequency amplitude blocks (never images or phases);
@@ -125,9 +136,7 @@ class Federation:
 
     def train_round(self, t: int, state: dict[str, np.ndarray], keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
-        k = fed.clients_per_round or len(self.ids)
-        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
-        targets = [self.ids[i] for i in chosen]
+        targets = self.sample(t)
         arrays = to_array_record(state)
         extra, bank_bytes = {}, 0
         freq = self.sc.augmentation
@@ -180,6 +189,7 @@ class Federation:
         seed_everything(derive_seed(sc.seed, "init"))
         model = build_model(sc.model, sc.num_classes)
         state, keys = state_to_numpy(model), trainable_keys(model)
+        self.setup_model(model, state)
         eval_at = set(evaluation_rounds(sc))
         start = time.perf_counter()
         self.evaluate(0, state)
@@ -193,12 +203,20 @@ class Federation:
         return state
 
 
+def federation_class(scenario: Scenario) -> type[Federation]:
+    if scenario.continual.method == "odex":
+        from simlab.federated.odex_server import OdexFederation
+
+        return OdexFederation
+    return Federation
+
+
 def make_server_app(scenario: Scenario, runlog: RunLog) -> ServerApp:
     """A ServerApp bound to one resolved arm of a scenario and a run log."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        Federation(grid, scenario, runlog).run()
+        federation_class(scenario)(grid, scenario, runlog).run()
 
     return app

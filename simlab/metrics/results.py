@@ -98,7 +98,53 @@ def arm_results(scenario: Scenario, rows: list[dict]) -> dict:
     pooled = _metrics_block(R, b, stages)
     final_round = scenario.federation.rounds
     final = {d: _num(table.mean_over(final_round, ids, d)) for d in scenario.eval_domains}
-    return {"pooled": pooled, "per_hospital": per_hospital, "final_dice": final}
+    out = {"pooled": pooled, "per_hospital": per_hospital, "final_dice": final}
+    pool = pool_events(scenario, rows)
+    if pool is not None:
+        oracle = DiceTable(rows, "dice_oracle")
+        out["pool"] = pool
+        out["final_dice_oracle"] = {d: _num(oracle.mean_over(final_round, ids, d)) for d in scenario.eval_domains}
+    return out
+
+
+def pool_events(scenario: Scenario, rows: list[dict]) -> dict | None:
+    """Pool growth and shift-detection quality from ODEx rows (None when the arm keeps one model).
+
+    detection delay: for every true boundary of a hospital (first round of each stage after the
+    first), rounds from the boundary to that hospital's first fork before its next boundary;
+    a boundary without such a fork is missed. A fork that answers no boundary is a false alarm.
+    routing purity: share of a domain's test images routed to the member that trained most on that
+    domain, at the last evaluation, averaged over domains and hospitals.
+    """
+    sizes = {r["round"]: int(r["value"]) for r in rows if r["metric"] == "pool_size"}
+    if not sizes:
+        return None
+    forks = sorted((r["round"], r["hospital"], int(r["value"]), r["domain"]) for r in rows if r["metric"] == "fork")
+    delays, missed, matched = [], 0, set()
+    for h in scenario.hospitals:
+        stages = hospital_stages(scenario, h.id)
+        for i, st in enumerate(stages[1:], start=1):
+            end = stages[i + 1].first_round if i + 1 < len(stages) else scenario.federation.rounds + 1
+            hit = next((f for f in forks if f[1] == h.id and st.first_round <= f[0] < end and f not in matched), None)
+            if hit is None:
+                missed += 1
+            else:
+                matched.add(hit)
+                delays.append(hit[0] - st.first_round)
+    last = max((r["round"] for r in rows if r["metric"] == "routing_purity"), default=None)
+    purity = [r["value"] for r in rows if r["metric"] == "routing_purity" and r["round"] == last]
+    return {
+        "pool_size_final": sizes[max(sizes)],
+        "pool_size_by_round": [sizes[t] for t in sorted(sizes)],
+        "forks": [{"round": t, "hospital": h, "member": m, "true_domain": d} for t, h, m, d in forks],
+        "boundaries": len(delays) + missed,
+        "detected": len(delays),
+        "missed": missed,
+        "detection_delay_mean": _num(float(np.mean(delays))) if delays else None,
+        "detection_delays": delays,
+        "false_alarms": len(forks) - len(matched),
+        "routing_purity": _num(float(np.mean(purity))) if purity else None,
+    }
 
 
 def dice_by_round(rows: list[dict], hospitals: list[str], domains: list[str]) -> tuple[list[int], np.ndarray]:

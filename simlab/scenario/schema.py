@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simlab.augment.frequency import FrequencyParams
+from simlab.continual.odex import OdexParams
 from simlab.data.appearance import ScannerParams
 from simlab.data.nifti import NiftiSourceParams
 from simlab.data.phantom import PopulationParams
@@ -152,11 +153,24 @@ class FederationSpec:
 
 
 @dataclass(frozen=True)
+class EwcParams:
+    """Online EWC with a diagonal Fisher, kept by each hospital (never shared)."""
+
+    strength: float = field(default=100.0, metadata={"ge": 0.0, "help": "lambda of the quadratic penalty"})
+    decay: float = field(default=0.9, metadata={"ge": 0.0, "le": 1.0,
+                                                "help": "online EWC: F <- decay*F + F_window after each round"})
+    fisher_batches: int = field(default=4, metadata={"ge": 1, "help": "batches used to estimate the Fisher"})
+
+
+@dataclass(frozen=True)
 class ContinualSpec:
-    method: Literal["sequential", "joint"] = field(
+    method: Literal["sequential", "joint", "ewc", "odex"] = field(
         default="sequential",
         metadata={"help": "sequential: train the global model on each window; joint: UPPER BOUND that "
-                          "breaks the no-rehearsal rule on purpose (trains on every window seen so far)"})
+                          "breaks the no-rehearsal rule on purpose (trains on every window seen so far); "
+                          "ewc: online EWC; odex: model pool with Mahalanobis shift detection"})
+    odex: OdexParams = field(default_factory=OdexParams)
+    ewc: EwcParams = field(default_factory=EwcParams)
 
 
 @dataclass(frozen=True)
@@ -259,6 +273,8 @@ class Scenario:
         cpr = self.federation.clients_per_round
         if cpr is not None and cpr > len(self.hospitals):
             p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
+        if self.continual.method == "odex" and self.augmentation.frequency.enabled:
+            p.append(("augmentation.frequency.enabled", "frequency augmentation is not combined with the ODEx pool"))
         names = [a.name for a in self.arms]
         for i, a in enumerate(self.arms):
             if names.count(a.name) > 1:

@@ -1,0 +1,269 @@
+"""ODEx, federated: a pool of models that grows when Mahalanobis shift detection says a hospital's
+data left every member's history; inference routes each image to its closest member.
+
+The pieces here know nothing about Flower: the server keeps a :class:`Pool` of :class:`Member`\\ s and
+decides per hospital (:func:`Pool.decide`); hospitals compute features and scores with
+:func:`window_features` / :func:`member_scores`. ``simlab.federated`` moves them between the two.
+
+Choices (each a scenario option where a researcher would vary it):
+
+- **Features** (``features``): per-channel spatial mean and std of the *input* of the network's first
+  normalisation layer (d = 2C = 32 for the default U-Net), i.e. the first convolution's response.
+  Every history entry keeps the first-block weights it was computed with (a few hundred numbers),
+  and windows are scored under *those* weights. Without that, training the first convolution
+  would move every feature away from the stored Gaussians and cause false alarms.
+- **Statistics**: one entry per member and round, from the windows of every hospital that trained
+  the member that round: sufficient statistics merged exactly on the server; Ledoit-Wolf by default,
+  distances D² (squared) by Cholesky solves (see :mod:`simlab.continual.mahalanobis`).
+- **Calibration**: each hospital cross-fits in-distribution scores of its own window under its own
+  statistics; the server merges calibrations (min of mins, max of maxes, count-weighted mean). With
+  several hospitals this is an approximation: the merged Gaussian is wider than each hospital's.
+- **Score and threshold**: a window's score under an entry is the mean of its images' normalised
+  scores û (min / doubled-max of ID scores); a member combines its entries by ``shift.history``
+  (``sum`` as in ODEx Eq. 4, ``mean``, ``min``, ``last``) and compares with its entries' ξ = 2·mean
+  ID û combined by the same rule. Members are compared by score / threshold, so a member's history
+  length does not bias the choice; with this, ``sum`` and ``mean`` take the same decisions.
+- **Fork**: when the best member's score is over its threshold the hospital trains a copy of it (a
+  fork). ``fork_history: fresh`` (default) starts the fork's history with the window that caused it;
+  ``inherit`` copies the parent's history first. Inheriting makes a fork score the next window of
+  the new domain against the parent's old entries too, which with ``sum``/``mean`` forks again on
+  the next round; ``fresh`` keeps the parent's history with the parent, where it still routes the
+  old domain.
+- **Merging forks**: forks of the same parent in the same round merge when each window's expected
+  normalised score under the other's Gaussian is within the other's threshold (expected D² from the
+  sufficient statistics: tr(Σ_a⁻¹S_b) + (μ_b−μ_a)ᵀΣ_a⁻¹(μ_b−μ_a)).
+- **Cap**: at ``max_members`` no fork is created; the hospital's update goes to the parent.
+- **Routing**: each test image goes to the member with the smallest per-image score / threshold.
+- **Ablations**: ``expansion: oracle`` forks exactly at every true domain boundary of a hospital
+  (the simulator's knowledge); ``expansion: dice`` is DiceEx: fork when the Dice of the hospital's
+  current member on the new window drops by more than ``dice_drop`` (relative) below its last value;
+  ``shift.history: last`` is the last-entry-only ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from simlab.continual.features import FeatureSpec, reduce_activation, resolve_layer
+from simlab.continual.mahalanobis import Calibration, GaussianStats, HistoryEntry, ShiftParams, _combine
+
+
+@dataclass(frozen=True)
+class OdexParams:
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    shift: ShiftParams = field(default_factory=ShiftParams)
+    expansion: Literal["detect", "oracle", "dice"] = field(
+        default="detect", metadata={"help": "detect: Mahalanobis (ODEx); oracle: fork at every true boundary; "
+                                            "dice: DiceEx (fork when training Dice drops)"})
+    fork_history: Literal["fresh", "inherit"] = field(
+        default="fresh", metadata={"help": "a fork's history starts fresh, or copies its parent's first"})
+    max_members: int = field(default=6, metadata={"ge": 1, "help": "pool size cap"})
+    merge_forks: bool = field(default=True, metadata={"help": "merge same-round forks whose statistics agree"})
+    dice_drop: float = field(default=0.10, metadata={"gt": 0.0, "lt": 1.0,
+                                                     "help": "DiceEx: relative Dice drop that forks"})
+
+
+# ------------------------------------------------------------------------------ features (torch)
+class _Stop(Exception):
+    pass
+
+
+def first_block_keys(model: torch.nn.Module, spec: FeatureSpec, sample: torch.Tensor) -> list[str]:
+    """State-dict keys of the modules that run before the feature layer (what its input depends on)."""
+    _, layer = resolve_layer(model, spec)
+    ran: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: ran.append(names[mod]))
+             for m in model.modules() if m is not layer and not list(m.children())]
+
+    def stop(mod, inp):
+        raise _Stop
+
+    hooks.append(layer.register_forward_pre_hook(stop))
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    prefixes = tuple(f"{n}." for n in ran)
+    return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+
+def window_features(model: torch.nn.Module, spec: FeatureSpec, images: np.ndarray, batch_size: int = 64,
+                    device: str = "cpu") -> np.ndarray:
+    """Reduced input of the feature layer for every image [n, d] (float64); only the first block runs."""
+    _, layer = resolve_layer(model, spec)
+    out: list[torch.Tensor] = []
+
+    def grab(mod, inp):
+        out.append(reduce_activation(inp[0].detach(), spec).cpu())
+        raise _Stop
+
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                try:
+                    model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+# ------------------------------------------------------------------------------ history entries
+@dataclass
+class Entry:
+    """One history entry: Gaussian of a round's training windows of a member, its calibration, and the
+    first-block weights the features were computed with."""
+
+    first_block: dict[str, np.ndarray]
+    stats: GaussianStats
+    calibration: Calibration
+    round: int
+
+    def history_entry(self) -> HistoryEntry:
+        if not hasattr(self, "_he"):
+            self._he = HistoryEntry(self.stats, self.calibration)
+        return self._he
+
+    def threshold(self, params: ShiftParams) -> float:
+        return self.calibration.threshold(params.threshold_factor)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f"fb.{k}": v for k, v in self.first_block.items()}
+        out.update({f"st.{k}": np.asarray(v) for k, v in self.stats.to_arrays().items()})
+        cal = self.calibration.to_dict()
+        out["cal.num"] = np.array([cal["min_id"], cal["max_id"], cal["mean_norm_id"], cal["n_id"],
+                                   cal["max_factor"], self.round], dtype=np.float64)
+        out["cal.kind"] = np.frombuffer(f"{cal['estimator']}|{cal['distance']}".encode(), dtype=np.uint8).copy()
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Entry:
+        fb = {k[3:]: v for k, v in arrays.items() if k.startswith("fb.")}
+        st = GaussianStats.from_arrays({k[3:]: v for k, v in arrays.items() if k.startswith("st.")})
+        num = arrays["cal.num"]
+        estimator, distance = bytes(arrays["cal.kind"]).decode().split("|")
+        cal = Calibration(min_id=float(num[0]), max_id=float(num[1]), mean_norm_id=float(num[2]), n_id=int(num[3]),
+                          max_factor=float(num[4]), estimator=estimator, distance=distance)
+        return cls(fb, st, cal, int(num[5]))
+
+
+def fit_entry(z: np.ndarray, first_block: dict[str, np.ndarray], params: ShiftParams, t: int) -> Entry:
+    he = HistoryEntry.fit(z, params)
+    return Entry(first_block, he.stats, he.calibration, t)
+
+
+def merge_entries(entries: list[Entry]) -> Entry:
+    """Entries of one member and round from several hospitals (same first block): exact statistics,
+    merged calibration."""
+    stats, cal = entries[0].stats, entries[0].calibration
+    for e in entries[1:]:
+        stats = GaussianStats.merge(stats, e.stats)
+        cal = Calibration.merge(cal, e.calibration)
+    return Entry(entries[0].first_block, stats, cal, entries[0].round)
+
+
+# ------------------------------------------------------------------------------ scoring (client)
+def member_scores(model: torch.nn.Module, spec: FeatureSpec, params: ShiftParams, history: list[Entry],
+                  images: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Per-entry, per-image normalised scores û [entries, n] of ``images`` under one member's history,
+    each entry scored with the features of its own first block."""
+    rows = []
+    cache: dict[int, np.ndarray] = {}
+    for e in history:
+        key = id(e.first_block)
+        if key not in cache:
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in e.first_block.items()}, strict=False)
+            cache[key] = window_features(model, spec, images, device=device)
+        rows.append(e.history_entry().normalized_scores(cache[key], params))
+    return np.stack(rows)
+
+
+def combine(per_entry: np.ndarray, params: ShiftParams) -> np.ndarray:
+    """Combine per-entry values (axis 0) by the history rule."""
+    return _combine(np.asarray(per_entry, dtype=np.float64), params.history)
+
+
+def member_threshold(history: list[Entry], params: ShiftParams) -> float:
+    return max(float(combine(np.array([e.threshold(params) for e in history]), params)), 1e-12)
+
+
+# ------------------------------------------------------------------------------ the pool (server)
+@dataclass
+class Member:
+    id: int
+    state: dict[str, np.ndarray]
+    history: list[Entry] = field(default_factory=list)
+    parent: int | None = None
+    born: int = 0
+    trained_on: Counter = field(default_factory=Counter)  # true domain → rounds (evaluation only)
+    last_dice: dict[str, float] = field(default_factory=dict)  # DiceEx: hospital → Dice
+
+
+@dataclass(frozen=True)
+class Decision:
+    member: int
+    fork: bool
+    ratio: float = math.nan  # best score / threshold (detect mode)
+
+
+class Pool:
+    def __init__(self, params: OdexParams, init_state: dict[str, np.ndarray]):
+        self.params = params
+        self.members: dict[int, Member] = {0: Member(0, init_state)}
+        self.next_id = 1
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def decide_detect(self, per_member: dict[int, np.ndarray]) -> Decision:
+        """``per_member``: member id → per-entry window scores (mean û). Lowest score/threshold wins."""
+        sp = self.params.shift
+        ratios = {}
+        for m, per_entry in per_member.items():
+            score = float(combine(per_entry, sp))
+            ratios[m] = score / member_threshold(self.members[m].history, sp)
+        best = min(ratios, key=lambda m: (ratios[m], m))
+        return Decision(best, ratios[best] > 1.0, ratios[best])
+
+    def add_fork(self, parent: int, state: dict[str, np.ndarray], entry: Entry, t: int) -> Member:
+        base = list(self.members[parent].history) if self.params.fork_history == "inherit" else []
+        m = Member(self.next_id, state, base + [entry], parent=parent, born=t)
+        self.members[m.id] = m
+        self.next_id += 1
+        return m
+
+
+def expected_normalised_score(a: Entry, b: Entry, params: ShiftParams) -> float:
+    """Expected û of b's data under a's Gaussian, from sufficient statistics only."""
+    g = a.history_entry().gaussian(params.estimator)
+    cov_b = b.stats.empirical_covariance()
+    L = g.chol
+    import scipy.linalg
+
+    w = scipy.linalg.solve_triangular(L, cov_b, lower=True)
+    trace = float(np.trace(scipy.linalg.solve_triangular(L, w.T, lower=True)))
+    diff = scipy.linalg.solve_triangular(L, b.stats.mean - g.mean, lower=True)
+    d2 = trace + float(diff @ diff)
+    u = d2 if params.distance == "squared" else math.sqrt(max(d2, 0.0))
+    return float(a.calibration.normalize(np.array([u]))[0])
+
+
+def forks_agree(a: Entry, b: Entry, params: ShiftParams) -> bool:
+    return (expected_normalised_score(a, b, params) <= a.threshold(params)
+            and expected_normalised_score(b, a, params) <= b.threshold(params))

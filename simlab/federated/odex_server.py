@@ -1,0 +1,211 @@
+"""The ServerApp side of federated ODEx: a pool of members, per-hospital query → train → aggregate.
+
+A round: (1) every sampled hospital scores its new window against every member's history
+(``query.shift``; only histories and first-block weights travel, not models) — or, for the
+ablations, the server forks at true boundaries (oracle) or on a Dice drop (DiceEx, ``query.dice``);
+(2) each hospital trains its chosen member, or a fork of it, and returns the model and the
+sufficient statistics of its window; (3) per member, the updates are aggregated with the configured
+rule and the window statistics become one new history entry; same-round forks of one parent merge
+when their statistics agree; the pool is capped. Evaluation sends the whole pool and routes every
+test image to its closest member. Rows written: pool_size (hospital 'server'), member and
+shift_ratio per hospital, fork (value = new member id), fork_refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, MessageType, RecordDict
+
+from simlab.continual.odex import Decision, Entry, Pool, first_block_keys, forks_agree, merge_entries
+from simlab.federated.aggregation import EmptyAggregation, aggregate
+from simlab.federated.messages import (from_array_record, pack_histories, records_nbytes, state_nbytes,
+                                       to_array_record)
+from simlab.federated.server_app import Federation
+
+log = logging.getLogger("simlab")
+
+
+class OdexFederation(Federation):
+    def setup_model(self, model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
+        self.params = self.sc.continual.odex
+        sample = torch.zeros(1, 1, self.sc.data.image_size, self.sc.data.image_size)
+        self.fb_keys = first_block_keys(model, self.params.features, sample)
+        self.pool = Pool(self.params, state)
+        self.current = {h: 0 for h in self.ids}  # member each hospital trained last
+        self.last_domain: dict[str, str] = {}  # oracle ablation only
+
+    def first_block(self, m: int) -> dict[str, np.ndarray]:
+        return {k: self.pool.members[m].state[k] for k in self.fb_keys}
+
+    def histories(self) -> dict[int, list[Entry]]:
+        return {m: mem.history for m, mem in self.pool.members.items() if mem.history}
+
+    # ------------------------------------------------------------------ decisions
+    def decide(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
+        mode = self.params.expansion
+        if mode == "oracle":
+            out = {}
+            for h in targets:
+                now = self.domains[h][t - 1]
+                changed = h in self.last_domain and self.last_domain[h] != now
+                out[h] = Decision(self.current[h], changed)
+            return out, 0, 0
+        if mode == "dice":
+            content = {h: RecordDict({"arrays": to_array_record(self.pool.members[self.current[h]].state),
+                                      "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
+            replies = self._send(f"{MessageType.QUERY}.dice", targets, content)
+            out = {}
+            for h in targets:
+                m = self.current[h]
+                reply = replies.get(h)
+                if reply is None or reply.has_error():
+                    out[h] = Decision(m, False)
+                    continue
+                dice = float(reply.content["metrics"]["dice"])
+                last = self.pool.members[m].last_dice.get(h)
+                out[h] = Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last, dice)
+                self.pool.members[m].last_dice[h] = dice
+            down = len(targets) * state_nbytes(self.pool.members[0].state)
+            return out, down, 0
+        hist = self.histories()
+        if not hist:  # nothing to score against yet: everyone trains the first member
+            return {h: Decision(0, False) for h in targets}, 0, 0
+        records = pack_histories(hist)
+        content = {h: RecordDict({**records, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
+                   for h in targets}
+        replies = self._send(f"{MessageType.QUERY}.shift", targets, content)
+        out = {}
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply" if reply is None else reply.error.reason
+                log.warning("round %d: %s could not score its window: %s", t, h, reason)
+                out[h] = Decision(self.current[h], False)
+                continue
+            per_member = {int(k[1:]): np.asarray(v, dtype=np.float64) for k, v in reply.content["metrics"].items()}
+            out[h] = self.pool.decide_detect(per_member)
+            self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", out[h].ratio)
+        return out, len(targets) * records_nbytes(records), 0
+
+    # ------------------------------------------------------------------ a round
+    def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
+        fed = self.sc.federation
+        targets = self.sample(t)
+        decisions, q_down, q_up = self.decide(t, targets)
+        fb = {m: self.first_block(m) for m in self.pool.members}
+        content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
+                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
+        replies = self._send(MessageType.TRAIN, targets, content)
+        groups: dict[int, list] = defaultdict(list)
+        forks: dict[int, list] = defaultdict(list)
+        failed, up = [], q_up
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply before the timeout" if reply is None else reply.error.reason
+                log.warning("round %d: %s failed: %s", t, h, reason)
+                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
+                failed.append(h)
+                continue
+            d = decisions[h]
+            model = from_array_record(reply.content["arrays"], like=state)
+            arrays = from_array_record(reply.content["entry"])
+            entry = Entry.from_arrays({**{f"fb.{k}": v for k, v in fb[d.member].items()}, **arrays})
+            up += state_nbytes(model) + sum(v.nbytes for v in arrays.values())
+            self.log.metric(t, h, self.domains[h][t - 1], "train_loss", reply.content["metrics"]["train_loss"])
+            item = (h, model, int(reply.content["metrics"]["num-examples"]), entry)
+            (forks if d.fork else groups)[d.member].append(item)
+        n_ok = sum(len(v) for v in groups.values()) + sum(len(v) for v in forks.values())
+        cost = {"sent": targets, "failed": failed, "bytes_down": q_down + sum(
+            state_nbytes(self.pool.members[decisions[h].member].state) for h in targets), "bytes_up": up}
+        if n_ok < fed.min_replies:
+            log.warning("round %d skipped: %d replies < min_replies %d", t, n_ok, fed.min_replies)
+            cost["skipped"] = True
+            return state, cost
+        self._forks(t, forks, groups, keys)
+        for m, items in groups.items():
+            self._update(t, m, items, keys)
+        self.log.metric(t, "server", None, "pool_size", len(self.pool))
+        cost["pool_size"] = len(self.pool)
+        return state, cost
+
+    def _aggregate(self, t: int, items: list, keys: set[str], reference) -> dict[str, np.ndarray] | None:
+        try:
+            result = aggregate([(h, m, n) for h, m, n, _ in items], self.sc.federation.aggregation,
+                               trainable_keys=keys, reference=reference)
+        except EmptyAggregation as exc:
+            log.warning("round %d: %s", t, exc)
+            return None
+        for h, reason in result.rejected.items():
+            self.log.metric(t, h, self.domains[h][t - 1], "update_rejected", 1.0)
+            log.warning("round %d: update of %s rejected: %s", t, h, reason)
+        for h, w in result.weights.items():
+            self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
+        return result.model
+
+    def _update(self, t: int, m: int, items: list, keys: set[str]) -> None:
+        member = self.pool.members[m]
+        new = self._aggregate(t, items, keys, member.state)
+        if new is None:
+            return
+        member.state = new
+        member.history.append(merge_entries([e for *_, e in items]))
+        for h, *_ in items:
+            member.trained_on[self.domains[h][t - 1]] += 1
+            self._trained(t, h, m)
+
+    def _trained(self, t: int, h: str, m: int) -> None:
+        self.current[h] = m
+        self.last_domain[h] = self.domains[h][t - 1]
+        self.log.metric(t, h, self.domains[h][t - 1], "member", m)
+
+    def _forks(self, t: int, forks: dict[int, list], groups: dict[int, list], keys: set[str]) -> None:
+        sp = self.params.shift
+        for parent, items in sorted(forks.items()):
+            clusters: list[list] = []
+            for item in items:
+                home = next((c for c in clusters if self.params.merge_forks and forks_agree(c[0][3], item[3], sp)), None)
+                if home is None:
+                    clusters.append([item])
+                else:
+                    home.append(item)
+            for cluster in clusters:
+                if len(self.pool) >= self.params.max_members:
+                    for h, *_ in cluster:
+                        self.log.metric(t, h, self.domains[h][t - 1], "fork_refused", 1.0)
+                    groups[parent].extend(cluster)  # the update goes to the parent
+                    continue
+                new = self._aggregate(t, cluster, keys, self.pool.members[parent].state)
+                if new is None:
+                    continue
+                member = self.pool.add_fork(parent, new, merge_entries([e for *_, e in cluster]), t)
+                for h, *_ in cluster:
+                    member.trained_on[self.domains[h][t - 1]] += 1
+                    self.log.metric(t, h, self.domains[h][t - 1], "fork", member.id)
+                    self._trained(t, h, member.id)
+                log.info("round %d: member %d forked from %d by %s", t, member.id, parent,
+                         ", ".join(h for h, *_ in cluster))
+
+    # ------------------------------------------------------------------ evaluation
+    def oracle(self) -> dict[str, int]:
+        """Per true domain, the member that trained on it most often (evaluation only)."""
+        best: dict[str, tuple[int, int]] = {}
+        for m, member in sorted(self.pool.members.items()):
+            for d, n in member.trained_on.items():
+                if d not in best or n > best[d][0]:
+                    best[d] = (n, m)
+        return {d: m for d, (n, m) in best.items()}
+
+    def evaluate(self, t: int, state) -> int:
+        members = {f"m{m}": to_array_record(mem.state) for m, mem in self.pool.members.items()}
+        records = {**members, **pack_histories(self.histories())}
+        config = {"round": t, "members": [int(m) for m in self.pool.members], "oracle": json.dumps(self.oracle())}
+        content = {h: RecordDict({**records, "config": ConfigRecord({**config, "task": self.parts[h]})})
+                   for h in self.ids}
+        self._collect_eval(t, self._send(MessageType.EVALUATE, self.ids, content))
+        return len(self.ids) * records_nbytes(records)
