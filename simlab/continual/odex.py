@@ -12,9 +12,15 @@ Choices (each a scenario option where a researcher would vary it):
   Every history entry keeps the first-block weights it was computed with (a few hundred numbers),
   and windows are scored under *those* weights. Without that, training the first convolution
   would move every feature away from the stored Gaussians and cause false alarms.
-- **Statistics**: one entry per member and round, from the windows of every hospital that trained
-  the member that round: sufficient statistics merged exactly on the server; Ledoit-Wolf by default,
-  distances D² (squared) by Cholesky solves (see :mod:`simlab.continual.mahalanobis`).
+- **Statistics**: hospitals send sufficient statistics of their window. Per member and round the
+  server merges, exactly, the statistics of hospitals whose windows agree (each one's expected
+  normalised score under the other's Gaussian within the other's threshold); windows that do not
+  agree stay separate entries, so a member's history is a set of Gaussians rather than one broad
+  Gaussian over unlike hospitals. Hospitals with clearly different data therefore train different
+  members, and a hospital that later leaves its domain leaves behind a member that nobody trains
+  any more, which is what keeps that domain from being forgotten.
+  Ledoit-Wolf by default, distances D² (squared) by Cholesky solves
+  (see :mod:`simlab.continual.mahalanobis`).
 - **Calibration**: each hospital cross-fits in-distribution scores of its own window under its own
   statistics; the server merges calibrations (min of mins, max of maxes, count-weighted mean). With
   several hospitals this is an approximation: the merged Gaussian is wider than each hospital's.
@@ -23,6 +29,9 @@ Choices (each a scenario option where a researcher would vary it):
   (``sum`` as in ODEx Eq. 4, ``mean``, ``min``, ``last``) and compares with its entries' ξ = 2·mean
   ID û combined by the same rule. Members are compared by score / threshold, so a member's history
   length does not bias the choice; with this, ``sum`` and ``mean`` take the same decisions.
+- **First round**: there is no history to score against, so hospitals send the statistics of their
+  first window; hospitals whose windows agree share the initial member and every other group starts
+  its own copy of the initial model (not counted as forks).
 - **Fork**: when the best member's score is over its threshold the hospital trains a copy of it (a
   fork). ``fork_history: fresh`` (default) starts the fork's history with the window that caused it;
   ``inherit`` copies the parent's history first. Inheriting makes a fork score the next window of
@@ -241,6 +250,13 @@ class Pool:
         best = min(ratios, key=lambda m: (ratios[m], m))
         return Decision(best, ratios[best] > 1.0, ratios[best])
 
+    def add_member(self, state: dict[str, np.ndarray], t: int) -> Member:
+        """A member with an empty history (first round: a group of hospitals unlike the first)."""
+        m = Member(self.next_id, state, [], parent=None, born=t)
+        self.members[m.id] = m
+        self.next_id += 1
+        return m
+
     def add_fork(self, parent: int, state: dict[str, np.ndarray], entry: Entry, t: int) -> Member:
         base = list(self.members[parent].history) if self.params.fork_history == "inherit" else []
         m = Member(self.next_id, state, base + [entry], parent=parent, born=t)
@@ -267,3 +283,15 @@ def expected_normalised_score(a: Entry, b: Entry, params: ShiftParams) -> float:
 def forks_agree(a: Entry, b: Entry, params: ShiftParams) -> bool:
     return (expected_normalised_score(a, b, params) <= a.threshold(params)
             and expected_normalised_score(b, a, params) <= b.threshold(params))
+
+
+def cluster_entries(entries: list[Entry], params: ShiftParams) -> list[list[int]]:
+    """Group one round's entries (in hospital order) whose statistics agree with the group's first."""
+    groups: list[list[int]] = []
+    for i, e in enumerate(entries):
+        home = next((g for g in groups if forks_agree(entries[g[0]], e, params)), None)
+        if home is None:
+            groups.append([i])
+        else:
+            home.append(i)
+    return groups

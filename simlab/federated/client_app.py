@@ -151,6 +151,18 @@ def shift_scores(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
 
 
+@app.query("entry")
+def window_entry(msg: Message, context: Context) -> Message:
+    """ODEx, first round: statistics of this round's window under the received model's first block."""
+    cfg = msg.content["config"]
+    scenario, stream, _ = _task(str(cfg["task"]))
+    device = _setup(scenario)
+    model = _model(scenario, msg.content["arrays"], device)
+    entry = _odex_entry(scenario, model, stream.window(int(cfg["round"])), int(cfg["round"]), device)
+    arrays = {k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")}
+    return Message(RecordDict({"entry": to_array_record(arrays)}), reply_to=msg)
+
+
 @app.query("dice")
 def window_dice(msg: Message, context: Context) -> Message:
     """DiceEx query: Dice of the received member on this round's labelled window, before training."""

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from simlab.continual.odex import Decision, Entry, Pool, first_block_keys, forks_agree, merge_entries
+from simlab.continual.odex import Decision, Entry, Pool, cluster_entries, first_block_keys, merge_entries
 from simlab.federated.aggregation import EmptyAggregation, aggregate
 from simlab.federated.messages import (from_array_record, pack_histories, records_nbytes, state_nbytes,
                                        to_array_record)
@@ -73,8 +74,8 @@ class OdexFederation(Federation):
             down = len(targets) * state_nbytes(self.pool.members[0].state)
             return out, down, 0
         hist = self.histories()
-        if not hist:  # nothing to score against yet: everyone trains the first member
-            return {h: Decision(0, False) for h in targets}, 0, 0
+        if not hist:
+            return self.initial_members(t, targets)
         records = pack_histories(hist)
         content = {h: RecordDict({**records, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
                    for h in targets}
@@ -92,11 +93,34 @@ class OdexFederation(Federation):
             self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", out[h].ratio)
         return out, len(targets) * records_nbytes(records), 0
 
+    def initial_members(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
+        """First round: nothing to score against yet. Hospitals send the statistics of their first
+        window (``query.entry``); hospitals whose windows agree share the initial member, every
+        other group starts its own copy of the initial model. Not counted as forks."""
+        state = self.pool.members[0].state
+        content = {h: RecordDict({"arrays": to_array_record(state),
+                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
+        replies = self._send(f"{MessageType.QUERY}.entry", targets, content)
+        ok = [h for h in targets if h in replies and not replies[h].has_error()]
+        fb = self.first_block(0)
+        entries = [Entry.from_arrays({**{f"fb.{k}": v for k, v in fb.items()},
+                                      **from_array_record(replies[h].content["entry"])}) for h in ok]
+        out = {h: Decision(0, False) for h in targets}
+        for i, group in enumerate(cluster_entries(entries, self.params.shift)):
+            if i > 0 and len(self.pool) < self.params.max_members:
+                member = self.pool.add_member({k: v.copy() for k, v in state.items()}, t)
+                for j in group:
+                    out[ok[j]] = Decision(member.id, False)
+        up = sum(sum(v.numpy().nbytes for v in replies[h].content["entry"].values()) for h in ok)
+        return out, len(targets) * state_nbytes(state), up
+
     # ------------------------------------------------------------------ a round
     def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         targets = self.sample(t)
+        start = time.perf_counter()
         decisions, q_down, q_up = self.decide(t, targets)
+        query_s = time.perf_counter() - start
         fb = {m: self.first_block(m) for m in self.pool.members}
         content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
                                   "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
@@ -121,7 +145,7 @@ class OdexFederation(Federation):
             item = (h, model, int(reply.content["metrics"]["num-examples"]), entry)
             (forks if d.fork else groups)[d.member].append(item)
         n_ok = sum(len(v) for v in groups.values()) + sum(len(v) for v in forks.values())
-        cost = {"sent": targets, "failed": failed, "bytes_down": q_down + sum(
+        cost = {"sent": targets, "failed": failed, "query_s": query_s, "bytes_down": q_down + sum(
             state_nbytes(self.pool.members[decisions[h].member].state) for h in targets), "bytes_up": up}
         if n_ok < fed.min_replies:
             log.warning("round %d skipped: %d replies < min_replies %d", t, n_ok, fed.min_replies)
@@ -154,10 +178,15 @@ class OdexFederation(Federation):
         if new is None:
             return
         member.state = new
-        member.history.append(merge_entries([e for *_, e in items]))
+        member.history.extend(self._entries(items))
         for h, *_ in items:
             member.trained_on[self.domains[h][t - 1]] += 1
             self._trained(t, h, m)
+
+    def _entries(self, items: list) -> list[Entry]:
+        """This round's history entries of one member: agreeing hospitals' statistics merged exactly."""
+        entries = [e for *_, e in items]
+        return [merge_entries([entries[i] for i in g]) for g in cluster_entries(entries, self.params.shift)]
 
     def _trained(self, t: int, h: str, m: int) -> None:
         self.current[h] = m
@@ -167,13 +196,10 @@ class OdexFederation(Federation):
     def _forks(self, t: int, forks: dict[int, list], groups: dict[int, list], keys: set[str]) -> None:
         sp = self.params.shift
         for parent, items in sorted(forks.items()):
-            clusters: list[list] = []
-            for item in items:
-                home = next((c for c in clusters if self.params.merge_forks and forks_agree(c[0][3], item[3], sp)), None)
-                if home is None:
-                    clusters.append([item])
-                else:
-                    home.append(item)
+            if self.params.merge_forks:
+                clusters = [[items[i] for i in g] for g in cluster_entries([e for *_, e in items], sp)]
+            else:
+                clusters = [[item] for item in items]
             for cluster in clusters:
                 if len(self.pool) >= self.params.max_members:
                     for h, *_ in cluster:
@@ -183,7 +209,9 @@ class OdexFederation(Federation):
                 new = self._aggregate(t, cluster, keys, self.pool.members[parent].state)
                 if new is None:
                     continue
-                member = self.pool.add_fork(parent, new, merge_entries([e for *_, e in cluster]), t)
+                first, *rest = self._entries(cluster)
+                member = self.pool.add_fork(parent, new, first, t)
+                member.history.extend(rest)
                 for h, *_ in cluster:
                     member.trained_on[self.domains[h][t - 1]] += 1
                     self.log.metric(t, h, self.domains[h][t - 1], "fork", member.id)

@@ -111,26 +111,31 @@ def pool_events(scenario: Scenario, rows: list[dict]) -> dict | None:
     """Pool growth and shift-detection quality from ODEx rows (None when the arm keeps one model).
 
     detection delay: for every true boundary of a hospital (first round of each stage after the
-    first), rounds from the boundary to that hospital's first fork before its next boundary;
-    a boundary without such a fork is missed. A fork that answers no boundary is a false alarm.
-    routing purity: share of a domain's test images routed to the member that trained most on that
-    domain, at the last evaluation, averaged over domains and hospitals.
+    first), rounds from the boundary to the hospital's first change of member (a fork, or a move to
+    another existing member) before its next boundary; a boundary without one is missed. A fork that
+    answers no boundary is a false alarm. (First-round groups of unlike hospitals are initial members,
+    not forks.) routing purity: share of a domain's test images routed to the member that trained most
+    on that domain, at the last evaluation, averaged over domains and hospitals.
     """
     sizes = {r["round"]: int(r["value"]) for r in rows if r["metric"] == "pool_size"}
     if not sizes:
         return None
     forks = sorted((r["round"], r["hospital"], int(r["value"]), r["domain"]) for r in rows if r["metric"] == "fork")
-    delays, missed, matched = [], 0, set()
+    member = {(r["round"], r["hospital"]): int(r["value"]) for r in rows if r["metric"] == "member"}
+    delays, missed, answered = [], 0, set()
     for h in scenario.hospitals:
+        rounds = sorted(t for (t, hh) in member if hh == h.id)
+        switches = [t for a, t in zip(rounds, rounds[1:]) if member[(t, h.id)] != member[(a, h.id)]]
         stages = hospital_stages(scenario, h.id)
         for i, st in enumerate(stages[1:], start=1):
             end = stages[i + 1].first_round if i + 1 < len(stages) else scenario.federation.rounds + 1
-            hit = next((f for f in forks if f[1] == h.id and st.first_round <= f[0] < end and f not in matched), None)
+            hit = next((t for t in switches if st.first_round <= t < end), None)
             if hit is None:
                 missed += 1
             else:
-                matched.add(hit)
-                delays.append(hit[0] - st.first_round)
+                delays.append(hit - st.first_round)
+                answered.add((hit, h.id))
+    false_alarms = [f for f in forks if (f[0], f[1]) not in answered]
     last = max((r["round"] for r in rows if r["metric"] == "routing_purity"), default=None)
     purity = [r["value"] for r in rows if r["metric"] == "routing_purity" and r["round"] == last]
     return {
@@ -142,7 +147,7 @@ def pool_events(scenario: Scenario, rows: list[dict]) -> dict | None:
         "missed": missed,
         "detection_delay_mean": _num(float(np.mean(delays))) if delays else None,
         "detection_delays": delays,
-        "false_alarms": len(forks) - len(matched),
+        "false_alarms": len(false_alarms),
         "routing_purity": _num(float(np.mean(purity))) if purity else None,
     }
 
