@@ -20,6 +20,8 @@ examples:
   simlab run scenarios/quickstart.yaml --seed 3 --out runs/qs-seed3
   simlab run scenarios/quickstart.yaml --set federation.rounds=10 --set data.image_size=64
   simlab validate scenarios/quickstart.yaml
+  simlab report runs/quickstart-20261123-101500
+  simlab compare runs/a runs/b --baseline tests/regression/baselines/forgetting.yaml
 """
 
 
@@ -40,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scenario_args(run)
     run.add_argument("--out", default=None, help="run directory (default runs/<name>-<time>; must be new or empty)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     val = sub.add_parser("validate", help="check a scenario file and print it resolved",
                          description="Validate a scenario: every error names the file, the dotted key, what was "
                                      "expected and what was found. Prints the resolved arms on success.")
     _add_scenario_args(val)
+    from simlab.report.commands import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
@@ -109,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from simlab.report.commands import dispatch
+
+    rc = dispatch(args)
+    if rc is not None:
+        return rc
     from rich.console import Console
 
     from simlab.data.nifti import NiftiDataError
@@ -131,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             progress.start_data(data_items(loaded))
             run_dir, summary = run_scenario(loaded, progress)
         print_summary(console, summary, run_dir)
+        if not args.no_report:
+            from simlab.report import write_report
+
+            console.print(f"report: [bold]{write_report(run_dir)}[/bold]")
         return 0
     except ScenarioError as exc:
         err.print("[red]invalid scenario[/red]")

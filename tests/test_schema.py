@@ -123,6 +123,7 @@ def test_arms_resolve_on_identical_data(tmp_path):
 def test_set_overrides_and_seed(tmp_path):
     loaded = load_scenario(write(tmp_path, GOOD), overrides=["federation.lr=0.05", "hospitals.1.size=7"], seed=11)
     assert loaded.base.federation.lr == 0.05 and loaded.base.hospitals[1].size == 7 and loaded.base.seed == 11
+    assert load_scenario(write(tmp_path, GOOD), overrides=["federation.lr=1e-6"]).base.federation.lr == 1e-6
     err = error_of(write(tmp_path, GOOD), overrides=["federation.lr=[1, 2]"])
     assert "expected a number, found list" in dict(err.problems)["federation.lr"]
     err = error_of(write(tmp_path, GOOD), overrides=["hospitals.5.size=7"])

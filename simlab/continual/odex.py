@@ -152,6 +152,16 @@ class Entry:
     def threshold(self, params: ShiftParams) -> float:
         return self.calibration.threshold(params.threshold_factor)
 
+    def first_block_key(self) -> bytes:
+        """Content hash of the first-block weights (entries of one member and round share it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self.first_block):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.first_block[k]).tobytes())
+        return h.digest()
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {f"fb.{k}": v for k, v in self.first_block.items()}
         out.update({f"st.{k}": np.asarray(v) for k, v in self.stats.to_arrays().items()})
@@ -193,9 +203,9 @@ def member_scores(model: torch.nn.Module, spec: FeatureSpec, params: ShiftParams
     """Per-entry, per-image normalised scores û [entries, n] of ``images`` under one member's history,
     each entry scored with the features of its own first block."""
     rows = []
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[bytes, np.ndarray] = {}
     for e in history:
-        key = id(e.first_block)
+        key = e.first_block_key()
         if key not in cache:
             model.load_state_dict({k: torch.as_tensor(v) for k, v in e.first_block.items()}, strict=False)
             cache[key] = window_features(model, spec, images, device=device)

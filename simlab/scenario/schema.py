@@ -334,7 +334,13 @@ def parse_override(text: str, source: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ScenarioError(source, [(text, "--set expects dotted.key=value")])
     key, value = text.split("=", 1)
-    return key.strip(), parse_yaml(value, f"--set {key}") if value.strip() else ""
+    parsed = parse_yaml(value, f"--set {key}") if value.strip() else ""
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-6 as text; a command line means the number
+        try:
+            parsed = int(parsed) if parsed.strip().lstrip("+-").isdigit() else float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def load_scenario_dict(raw: Any, source: str, overrides: list[str] | None = None, seed: int | None = None,
