@@ -97,13 +97,17 @@ def _augmenter(scenario: Scenario, msg: Message, hospital_id: str, t: int) -> Fr
     return FrequencyAugmenter(scenario.augmentation.frequency, bank, hospital_id, gen)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _received(msg: Message):
+    """The scenario part, stream, round, device and received model of a message."""
     cfg = msg.content["config"]
     scenario, stream, _ = _task(str(cfg["task"]))
-    t = int(cfg["round"])
     device = _setup(scenario)
-    model = _model(scenario, msg.content["arrays"], device)
+    return scenario, stream, int(cfg["round"]), device, _model(scenario, msg.content["arrays"], device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    scenario, stream, t, device, model = _received(msg)
     fed = scenario.federation
     train_cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
                             epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device,
@@ -154,11 +158,8 @@ def shift_scores(msg: Message, context: Context) -> Message:
 @app.query("entry")
 def window_entry(msg: Message, context: Context) -> Message:
     """ODEx, first round: statistics of this round's window under the received model's first block."""
-    cfg = msg.content["config"]
-    scenario, stream, _ = _task(str(cfg["task"]))
-    device = _setup(scenario)
-    model = _model(scenario, msg.content["arrays"], device)
-    entry = _odex_entry(scenario, model, stream.window(int(cfg["round"])), int(cfg["round"]), device)
+    scenario, stream, t, device, model = _received(msg)
+    entry = _odex_entry(scenario, model, stream.window(t), t, device)
     arrays = {k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")}
     return Message(RecordDict({"entry": to_array_record(arrays)}), reply_to=msg)
 
@@ -166,11 +167,8 @@ def window_entry(msg: Message, context: Context) -> Message:
 @app.query("dice")
 def window_dice(msg: Message, context: Context) -> Message:
     """DiceEx query: Dice of the received member on this round's labelled window, before training."""
-    cfg = msg.content["config"]
-    scenario, stream, _ = _task(str(cfg["task"]))
-    device = _setup(scenario)
-    model = _model(scenario, msg.content["arrays"], device)
-    w = stream.window(int(cfg["round"]))
+    scenario, stream, t, device, model = _received(msg)
+    w = stream.window(t)
     pred = predict(model, w.images[w.labeled], scenario.evaluation.batch_size, device)
     dice = dice_per_class(pred, torch.from_numpy(w.labels[w.labeled].astype(np.int64)), scenario.num_classes)
     return Message(RecordDict({"metrics": metrics({"dice": float(dice.mean())})}), reply_to=msg)

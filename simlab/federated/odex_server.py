@@ -124,18 +124,11 @@ class OdexFederation(Federation):
         fb = {m: self.first_block(m) for m in self.pool.members}
         content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
                                   "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
-        replies = self._send(MessageType.TRAIN, targets, content)
+        replies, failed = self.train_replies(t, targets, content)
         groups: dict[int, list] = defaultdict(list)
         forks: dict[int, list] = defaultdict(list)
-        failed, up = [], q_up
-        for h in targets:
-            reply = replies.get(h)
-            if reply is None or reply.has_error():
-                reason = "no reply before the timeout" if reply is None else reply.error.reason
-                log.warning("round %d: %s failed: %s", t, h, reason)
-                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
-                failed.append(h)
-                continue
+        up = q_up
+        for h, reply in replies.items():
             d = decisions[h]
             model = from_array_record(reply.content["arrays"], like=state)
             arrays = from_array_record(reply.content["entry"])

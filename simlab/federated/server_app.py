@@ -112,6 +112,22 @@ class Federation:
                     metric, domain = key.split("/", 1)
                     self.log.metric(t, h, domain, metric, value)
 
+    def train_replies(self, t: int, targets: list[str], content: dict[str, RecordDict]
+                      ) -> tuple[dict[str, Message], list[str]]:
+        """Send ``train`` and keep the good replies (hospital order); failures are logged and listed."""
+        replies = self._send(MessageType.TRAIN, targets, content)
+        ok, failed = {}, []
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply before the timeout" if reply is None else reply.error.reason
+                log.warning("round %d: %s failed: %s", t, h, reason)
+                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
+                failed.append(h)
+            else:
+                ok[h] = reply
+        return ok, failed
+
     def sample(self, t: int) -> list[str]:
         """Hospitals of round t: a seeded sample, in hospital order."""
         k = self.sc.federation.clients_per_round or len(self.ids)
@@ -147,16 +163,9 @@ class Federation:
         content = {h: RecordDict({"arrays": arrays, **extra,
                                   "config": ConfigRecord({"round": t, "task": self.parts[h]})})
                    for h in targets}
-        replies = self._send(MessageType.TRAIN, targets, content)
-        entries, failed, up = [], [], 0
-        for h in targets:
-            reply = replies.get(h)
-            if reply is None or reply.has_error():
-                reason = "no reply before the timeout" if reply is None else reply.error.reason
-                log.warning("round %d: %s failed: %s", t, h, reason)
-                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
-                failed.append(h)
-                continue
+        replies, failed = self.train_replies(t, targets, content)
+        entries, up = [], 0
+        for h, reply in replies.items():
             model = from_array_record(reply.content["arrays"], like=state)
             m = reply.content["metrics"]
             up += state_nbytes(model)
