@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,11 +49,66 @@ def hospital_identity(node_config: dict, hospital_ids: list[str]) -> str:
     raise ValueError("node config names no hospital: start the SuperNode with --node-config 'hospital-id=<id>'")
 
 
+def node_data_dir(node_config) -> str | None:
+    """``data-dir`` from the node config (None if absent), checked to be a directory on this node."""
+    if "data-dir" not in node_config:
+        return None
+    path = str(node_config["data-dir"])
+    if not Path(path).is_dir():
+        raise ValueError(f"node config data-dir={path!r} is not a directory on this node")
+    return path
+
+
+def with_data_dir(task: dict, data_dir: str) -> dict:
+    """The task pointed at this node's data directory (node config ``data-dir``).
+
+    phantom: the generated-data cache lives in ``data-dir``. nifti: dataset ``name`` is read from
+    ``<data-dir>/<name>`` when that folder exists (a node holding a single dataset may also keep it
+    directly in ``data-dir``), other datasets keep the server's path; the cache goes to this node's
+    default ($SIMLAB_CACHE), since the server's cache path means nothing here. Generated data does not
+    depend on where it is cached (cache keys leave ``cache_dir`` out), so results are unchanged.
+    """
+    root = Path(data_dir)
+    data = dict(task["data"])
+    if data.get("source", "phantom") == "nifti":
+        datasets = dict(data.get("datasets", {}))
+        for name, ds in datasets.items():
+            if (root / name).is_dir():
+                datasets[name] = {**ds, "root": str(root / name)}
+            elif len(datasets) == 1 and (root / "dataset.json").is_file():
+                datasets[name] = {**ds, "root": str(root)}
+        data["datasets"] = datasets
+        data["cache_dir"] = None
+    else:
+        data["cache_dir"] = str(root)
+    return {**task, "data": data}
+
+
 @lru_cache(maxsize=8)
-def _task(task_json: str) -> tuple[Scenario, HospitalStream, DataFactory]:
-    scenario = build(Scenario, json.loads(task_json), "<task sent by the server>")
+def _task(task_json: str, data_dir: str | None = None) -> tuple[Scenario, HospitalStream, DataFactory]:
+    plain = json.loads(task_json)
+    scenario = build(Scenario, with_data_dir(plain, data_dir) if data_dir else plain, "<task sent by the server>")
     factory = DataFactory(scenario.data, scenario.domains, scenario.seed, scenario.evaluation.test_size)
     return scenario, HospitalStream(factory, scenario.hospitals[0]), factory
+
+
+def _node_task(cfg, context: Context) -> tuple[Scenario, HospitalStream, DataFactory]:
+    """The message's task as this node runs it: with the node's ``data-dir``; a deployment node
+    (``hospital-id`` in its node config) refuses a task meant for another hospital."""
+    node = context.node_config
+    scenario, stream, factory = _task(str(cfg["task"]), node_data_dir(node))
+    if "hospital-id" in node and str(node["hospital-id"]) != stream.hospital.id:
+        raise ValueError(f"this node is hospital {str(node['hospital-id'])!r} but was sent the task of "
+                         f"{stream.hospital.id!r}")
+    return scenario, stream, factory
+
+
+def _injected_failure(context: Context, t: int) -> None:
+    """Fault injection for deployment tests: node config ``fail-at-round=<t>`` makes training raise in
+    round t (only there: the hospital is back in round t + 1)."""
+    at = context.node_config.get("fail-at-round")
+    if at is not None and int(at) == t:
+        raise RuntimeError(f"failure injected by node config fail-at-round={at}")
 
 
 def _setup(scenario: Scenario) -> str:
@@ -73,6 +129,7 @@ def _model(scenario: Scenario, arrays: ArrayRecord, device: str) -> torch.nn.Mod
 def identify(msg: Message, context: Context) -> Message:
     ids = list(msg.content["config"]["hospital-ids"])
     hid = hospital_identity(dict(context.node_config), ids)
+    node_data_dir(context.node_config)  # a wrong data-dir stops the run here, not round by round
     return Message(RecordDict({"config": ConfigRecord({"hospital-id": hid})}), reply_to=msg)
 
 
@@ -81,7 +138,7 @@ def share_amplitudes(msg: Message, context: Context) -> Message:
     """FedDG: low-frequency amplitude blocks of a sample of this round's window. Only these blocks
     leave the hospital; images and phases never do."""
     cfg = msg.content["config"]
-    scenario, stream, _ = _task(str(cfg["task"]))
+    scenario, stream, _ = _node_task(cfg, context)
     t = int(cfg["round"])
     window = stream.window(t)
     blocks = make_bank_entries(torch.from_numpy(window.images), scenario.augmentation.frequency,
@@ -97,17 +154,18 @@ def _augmenter(scenario: Scenario, msg: Message, hospital_id: str, t: int) -> Fr
     return FrequencyAugmenter(scenario.augmentation.frequency, bank, hospital_id, gen)
 
 
-def _received(msg: Message):
+def _received(msg: Message, context: Context):
     """The scenario part, stream, round, device and received model of a message."""
     cfg = msg.content["config"]
-    scenario, stream, _ = _task(str(cfg["task"]))
+    scenario, stream, _ = _node_task(cfg, context)
     device = _setup(scenario)
     return scenario, stream, int(cfg["round"]), device, _model(scenario, msg.content["arrays"], device)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    scenario, stream, t, device, model = _received(msg)
+    scenario, stream, t, device, model = _received(msg, context)
+    _injected_failure(context, t)
     fed = scenario.federation
     train_cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
                             epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device,
@@ -143,7 +201,7 @@ def _histories(msg: Message) -> dict[int, list]:
 def shift_scores(msg: Message, context: Context) -> Message:
     """ODEx query: mean normalised score of this round's window under every entry of every member."""
     cfg = msg.content["config"]
-    scenario, stream, _ = _task(str(cfg["task"]))
+    scenario, stream, _ = _node_task(cfg, context)
     device = _setup(scenario)
     odex = scenario.continual.odex
     template = build_model(scenario.model, scenario.num_classes).to(device)
@@ -158,7 +216,7 @@ def shift_scores(msg: Message, context: Context) -> Message:
 @app.query("entry")
 def window_entry(msg: Message, context: Context) -> Message:
     """ODEx, first round: statistics of this round's window under the received model's first block."""
-    scenario, stream, t, device, model = _received(msg)
+    scenario, stream, t, device, model = _received(msg, context)
     entry = _odex_entry(scenario, model, stream.window(t), t, device)
     arrays = {k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")}
     return Message(RecordDict({"entry": to_array_record(arrays)}), reply_to=msg)
@@ -167,7 +225,7 @@ def window_entry(msg: Message, context: Context) -> Message:
 @app.query("dice")
 def window_dice(msg: Message, context: Context) -> Message:
     """DiceEx query: Dice of the received member on this round's labelled window, before training."""
-    scenario, stream, t, device, model = _received(msg)
+    scenario, stream, t, device, model = _received(msg, context)
     w = stream.window(t)
     pred = predict(model, w.images[w.labeled], scenario.evaluation.batch_size, device)
     dice = dice_per_class(pred, torch.from_numpy(w.labels[w.labeled].astype(np.int64)), scenario.num_classes)
@@ -188,7 +246,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     trained most on the image's true domain (``dice_oracle``); ``routing_purity`` is the share of a
     domain's images routed to that member."""
     cfg = msg.content["config"]
-    scenario, _, factory = _task(str(cfg["task"]))
+    scenario, _, factory = _node_task(cfg, context)
     device = _setup(scenario)
     out: dict[str, float] = {}
     pool_ids = [int(m) for m in cfg["members"]] if "members" in cfg else []

@@ -10,10 +10,9 @@ ServerApp to a Scenario and a RunLog in-process, here everything comes from the 
     overrides   JSON list of "dotted.key=value" strings, applied like ``simlab run --set``
 
 It then runs the ServerApp that :func:`simlab.federated.server_app.make_server_app` builds for that
-arm, exactly as simulation does. Any error
-(invalid scenario, a hospital that cannot identify itself, a missing node) is raised, so Flower marks
-the run ``finished:failed`` and the message is in ``flwr log``; the reason is also written to
-``simlab.log`` in the run directory.
+arm, exactly as simulation does. Any error (invalid scenario, a hospital that cannot identify itself,
+a missing node) is raised, so Flower marks the run ``finished:failed`` and the message is in
+``flwr log``; the reason is also written to ``simlab.log`` in the run directory.
 
 ``client_app`` is :data:`simlab.federated.client_app.app`, unchanged: each SuperNode names its hospital
 (and its data directory) in ``--node-config``.

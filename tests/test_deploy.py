@@ -1,0 +1,414 @@
+"""A real Flower deployment on loopback: SuperLink with TLS and SuperNode authentication, one SuperNode
+per hospital, runs submitted with `flwr run` and followed by status polling.
+
+Unit tests (fast): the PKI (certificate chain, SANs, OpenSSH EC P-384 keys), port picking, node-config
+quoting, the run-config parsing of the deploy ServerApp, the FAB contents, process bookkeeping.
+Integration (marked ``flower``, one deployment shared by three tests; 10 min on a 2-CPU machine shared
+with other jobs at load 10, dominated by Flower starting a fresh ClientApp process, which imports torch
+and MONAI, for every message at every hospital): the same
+scenario gives the same metrics as simulation; a 4th SuperNode with an unregistered key is refused; a
+hospital with a wrong node config ends the run with a clear error instead of hanging; a hospital
+failing in round 2 is recorded while the others' metrics stay complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+
+from simlab.engine import deploy as D
+
+TINY = """\
+name: tiny-deploy
+seed: 5
+data: {{image_size: 32, cache_dir: {cache}}}
+domains:
+  A: {{}}
+  B: {{scanner: {{contrast: inverted, noise: 0.03}}}}
+hospitals:
+  - {{id: h1, size: 4, drift: {{type: abrupt, domains: [A, B], at: [2]}}}}
+  - {{id: h2, size: 4, label_fraction: 0.5, drift: {{type: none, domain: A}}}}
+  - {{id: h3, size: 4, drift: {{type: none, domain: B}}}}
+model: {{channels: [8, 16, 32]}}
+federation: {{rounds: 2, local_steps: 1, batch_size: 4, lr: 0.005}}
+evaluation: {{every: 2, test_size: 4, at_boundaries: false}}
+"""
+HOSPITALS = ["h1", "h2", "h3"]
+RUN_TIMEOUT = 600.0  # generous: a 2-CPU machine shared with other jobs
+
+
+# ------------------------------------------------------------------------------------------------ PKI
+def test_pki_chain_sans_and_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pki = D.make_pki(tmp_path / "pki", ["h1", "h2"], dns_names=["fl.example.org"], ips=["10.1.2.3"])
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    srv = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    srv.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "fl.example.org"}
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert srv.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert pki.nodes() == ["h1", "h2"]
+    for name in ("h1", "h2"):
+        key = serialization.load_ssh_private_key(pki.node_key(name).read_bytes(), None)
+        pub = serialization.load_ssh_public_key(pki.node_pub(name).read_bytes())
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert key.public_key().public_numbers() == pub.public_numbers()
+        assert pki.node_key(name).stat().st_mode & 0o077 == 0  # private keys: owner only
+    assert pki.ca_key.stat().st_mode & 0o077 == 0 and pki.server_key.stat().st_mode & 0o077 == 0
+    # Python's own TLS stack accepts the chain for both names (what `flwr` and SuperNodes do).
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+
+
+def test_pki_reuses_ca_and_keeps_node_keys(tmp_path):
+    pki = D.make_pki(tmp_path, ["h1"])
+    ca, key = pki.ca_cert.read_bytes(), pki.node_key("h1").read_bytes()
+    D.make_pki(tmp_path, ["h1", "h2"], dns_names=["other.example"])
+    assert pki.ca_cert.read_bytes() == ca and pki.node_key("h1").read_bytes() == key
+    assert pki.nodes() == ["h1", "h2"]
+    with pytest.raises(D.DeploymentError, match="letters, digits"):
+        D.add_node_keys(pki, ["../evil"])
+
+
+def test_tls_handshake_against_generated_certificate(tmp_path):
+    """A TLS server using server.pem is accepted by a client trusting only ca.crt, for 127.0.0.1."""
+    pki = D.make_pki(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"ok")
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.recv(2) == b"ok"
+    th.join(5)
+    listener.close()
+    # A certificate from another CA is refused.
+    other = D.make_pki(tmp_path / "other")
+    bad_ctx = ssl.create_default_context(cafile=str(other.ca_cert))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    th = threading.Thread(target=lambda: _accept_quietly(listener, server_ctx), daemon=True)
+    th.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            bad_ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+    th.join(5)
+    listener.close()
+
+
+def _accept_quietly(listener, ctx):
+    conn, _ = listener.accept()
+    try:
+        ctx.wrap_socket(conn, server_side=True).close()
+    except (ssl.SSLError, OSError):
+        conn.close()
+
+
+# ----------------------------------------------------------------------------------- small helpers
+def test_free_ports_are_distinct_and_bindable():
+    ports = D.free_ports(5)
+    assert len(set(ports)) == 5
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_node_config_arg_is_valid_flower_syntax():
+    from flwr.common.config import parse_config_args
+
+    text = D.node_config_arg({"hospital-id": "st-mary", "data-dir": "/data/st mary".replace(" ", "_"),
+                              "fail-at-round": 2})
+    assert parse_config_args([text]) == {"hospital-id": "st-mary", "data-dir": "/data/st_mary", "fail-at-round": 2}
+    with pytest.raises(D.DeploymentError, match="spaces or quotes"):
+        D.node_config_arg({"data-dir": "/with space"})
+
+
+def test_run_config_file_survives_quotes_spaces_and_json(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    values = {"scenario": "/data/my study/it's \"here\".yaml", "overrides": json.dumps(["seed=7", "a.b=[1, 2]"]),
+              "arm": "odex", "n": 3, "flag": True}
+    path = tmp_path / "rc.toml"
+    path.write_text(D.run_config_toml(values))
+    assert parse_config_args([str(path)]) == values
+    with pytest.raises(D.DeploymentError, match="run config key"):
+        D.run_config_toml({"bad key": 1})
+
+
+def test_command_line_pki_errors_and_down(tmp_path, capsys):
+    sc = tmp_path / "s.yaml"
+    sc.write_text(TINY.format(cache=tmp_path / "c"))
+    assert D.main(["pki", str(tmp_path / "pki"), "--scenario", str(sc), "--node", "extra", "--ip", "10.0.0.7"]) == 0
+    assert "10.0.0.7" in capsys.readouterr().out
+    assert D.Pki(tmp_path / "pki").nodes() == ["extra", "h1", "h2", "h3"]
+    assert D.main(["up", str(sc), "--pki", str(tmp_path / "nopki"), "--state", str(tmp_path / "st")]) == 1
+    assert "not a PKI directory" in capsys.readouterr().err
+    assert D.main(["up", str(sc), "--pki", str(tmp_path / "pki"), "--state", str(tmp_path / "st"),
+                   "--hospitals", "4"]) == 1
+    assert "the scenario has 3 hospitals" in capsys.readouterr().err
+    assert D.main(["down", "--state", str(tmp_path / "st")]) == 0
+    assert "stopped 0 process(es)" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.format(cache=tmp_path / "c").replace("rounds: 2", "rounds: two"))
+    assert D.main(["run", str(bad), "--state", str(tmp_path / "st")]) == 2
+    assert "federation.rounds" in capsys.readouterr().err
+
+
+def test_last_json_picks_the_object_after_log_lines():
+    assert D._last_json('Using SuperLink: x\n✅ done\n{"success": true, "run-id": "7"}\n') == {"success": True,
+                                                                                             "run-id": "7"}
+    assert D._last_json("no json here") is None
+
+
+def test_fab_of_the_deploy_app_carries_no_code_runs_or_caches(tmp_path):
+    """`flwr run` packs deploy/app; junk dropped into it (runs, caches, code) must not travel."""
+    import shutil
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    shutil.copytree(D.default_app_dir(), app)
+    (app / "runs" / "r1").mkdir(parents=True)
+    (app / "runs" / "r1" / "metrics.jsonl").write_text("{}\n" * 1000)
+    (app / "stray.py").write_text("x = 1\n")
+    (app / "cache.json").write_text("{}")
+    fab = zipfile.ZipFile(BytesIO(build_fab_from_disk(app)))
+    assert sorted(n for n in fab.namelist() if not n.startswith(".info/")) == ["README.md", "pyproject.toml"]
+
+
+def test_run_config_parsing_of_the_deploy_server_app(tmp_path):
+    from simlab.federated.deploy_app import DeployConfigError, scenario_from_run_config
+
+    sc = tmp_path / "s.yaml"
+    sc.write_text(TINY.format(cache=tmp_path / "c") + "arms: [{name: a}, {name: b, set: {federation.lr: 0.1}}]\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    scenario, arm, run_dir = scenario_from_run_config(
+        {"scenario": str(sc), "arm": "b", "run-dir": str(run), "overrides": json.dumps(["seed=9", "federation.rounds=3"])})
+    assert (arm, run_dir, scenario.federation.lr, scenario.seed, scenario.federation.rounds) == ("b", run, 0.1, 9, 3)
+    with pytest.raises(DeployConfigError, match="has 2 arms"):
+        scenario_from_run_config({"scenario": str(sc), "run-dir": str(run)})
+    with pytest.raises(DeployConfigError, match="not an arm"):
+        scenario_from_run_config({"scenario": str(sc), "arm": "zz", "run-dir": str(run)})
+    with pytest.raises(DeployConfigError, match="absolute"):
+        scenario_from_run_config({"scenario": "s.yaml", "arm": "a", "run-dir": str(run)})
+    with pytest.raises(DeployConfigError, match="'run-dir' is empty"):
+        scenario_from_run_config({"scenario": str(sc), "arm": "a"})
+    with pytest.raises(DeployConfigError, match="JSON list"):
+        scenario_from_run_config({"scenario": str(sc), "arm": "a", "run-dir": str(run), "overrides": "{bad"})
+
+
+def test_stop_kills_the_whole_tree_by_pid_and_spares_recycled_pids(tmp_path):
+    """A recorded process and its (detached) child are stopped; a record whose PID now belongs to
+    another process (different start time) is left alone."""
+    dep = D.Deployment(tmp_path / "state")
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+              "time.sleep(60)")
+    rec = dep._spawn("supernode", "x", [sys.executable, "-c", script], 0)
+    deadline = time.monotonic() + 10
+    while not D.descendants(rec.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = D.descendants(rec.pid)[0]
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fake = D.ProcRecord("supernode", "ghost", bystander.pid, start_ticks=1, port=0, log="", cmd=[])
+        dep.records.append(fake)
+        assert not fake.alive()  # same PID, other start time: not ours
+        reloaded = D.Deployment(tmp_path / "state")  # another process picking the state up
+        assert [r.name for r in reloaded.records] == ["x"] and reloaded.records[0].alive()
+        dep.stop(grace=1.0)
+        assert not rec.alive() and D._proc_stat(child) is None
+        assert bystander.poll() is None  # untouched
+        assert json.loads((tmp_path / "state" / "deploy.json").read_text())["processes"] == []
+    finally:
+        bystander.kill()
+        bystander.wait()
+        for pid in (rec.pid, child):
+            if D._proc_stat(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stop_finds_helpers_of_a_process_that_already_exited(tmp_path):
+    """Like a refused SuperNode: the recorded process exits, its helper (started with --parent-pid
+    <its pid>) lives on, re-parented; stop() finds it by that argument and ends it."""
+    dep = D.Deployment(tmp_path / "state")
+    script = ("import os, subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '--parent-pid', str(os.getpid())], "
+              "start_new_session=True); time.sleep(0.5)")
+    rec = dep._spawn("supernode", "refused", [sys.executable, "-c", script], 0)
+    assert dep.wait_exit(rec, 20) == 0
+    helpers = D.watchers_of(rec.pid, rec.start_ticks)
+    try:
+        assert len(helpers) == 1 and D._proc_stat(helpers[0]) is not None
+        dep.stop(grace=1.0)
+        assert D._proc_stat(helpers[0]) is None
+    finally:
+        for pid in helpers:
+            if D._proc_stat(pid) is not None:
+                os.kill(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------- integration
+def _needs_node_config_support() -> None:
+    """data-dir and fail-at-round are node-config keys the ClientApp must honour."""
+    from simlab.federated import client_app
+
+    assert hasattr(client_app, "node_data_dir"), "client_app does not honour node config data-dir / fail-at-round"
+
+
+def _rows(run_dir: Path) -> dict[tuple, float | None]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    out = {}
+    for r in rows:
+        key = (r["arm"], r["round"], r["hospital"], r["domain"], r["metric"])
+        assert key not in out, f"duplicate metric row {key}"
+        out[key] = r["value"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """SuperLink (TLS + SuperNode auth) and 3 registered SuperNodes, each with its hospital and data dir;
+    plus a 4th SuperNode whose key was never registered. Everything is stopped in the finally block."""
+    root = tmp_path_factory.mktemp("deploy")
+    scenario = root / "tiny.yaml"
+    scenario.write_text(TINY.format(cache=root / "sim-cache"))
+    pki = D.make_pki(root / "pki", [*HOSPITALS, "intruder"])
+    dep = None
+    try:
+        t0 = time.perf_counter()
+        dep = D.Deployment(root / "state")
+        monitor = D.ResourceMonitor(dep, exclude={"intruder"}).__enter__()
+        D.bring_up(dep, pki, HOSPITALS, data_dir=root / "sites")
+        up_s = time.perf_counter() - t0
+        intruder = dep.start_supernode("intruder", {"hospital-id": "h1"}, private_key=pki.node_key("intruder"))
+        yield {"root": root, "scenario": scenario, "pki": pki, "dep": dep, "intruder": intruder,
+               "monitor": monitor, "up_s": up_s}
+    finally:
+        if dep is not None:
+            monitor.__exit__(None, None, None)
+            dep.stop()
+            assert dep.running() == []
+
+
+@pytest.mark.flower
+def test_deployment_matches_simulation(deployment):
+    from simlab.runner import run_scenario
+    from simlab.scenario.schema import load_scenario
+
+    _needs_node_config_support()
+    dep, root, monitor = deployment["dep"], deployment["root"], deployment["monitor"]
+    t0 = time.perf_counter()
+    run_dir, summary = D.run_deployment(deployment["scenario"], dep, out=str(root / "run-deploy"), timeout_s=RUN_TIMEOUT)
+    run_s = time.perf_counter() - t0
+    monitor.__exit__(None, None, None)
+    stats = {"bring_up_s": round(deployment["up_s"], 1), "run_s": round(run_s, 1),
+             "wall_s": round(monitor.wall_s, 1), "peak_rss_mb": round(monitor.peak_rss / 2**20),
+             "peak_rss_by_role_mb": {k: round(v / 2**20) for k, v in monitor.peak_by_role.items()},
+             "peak_processes": monitor.peak_procs, "samples": monitor.samples}
+    print("loopback deployment (3 SuperNodes, 2 rounds):", json.dumps(stats))
+    (root / "deploy-stats.json").write_text(json.dumps(stats))
+    for name in ("scenario.yaml", "metrics.jsonl", "rounds.jsonl", "summary.json", "simlab.log",
+                 "R/sequential/h1.csv", "R/sequential/pooled.csv", "dice_by_round/sequential.csv",
+                 "flower-sequential.log"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "FAILED").exists()
+    # each hospital generated its data in its own data dir (node config data-dir), not the scenario's cache
+    for h in HOSPITALS:
+        assert any((root / "sites" / h).rglob("*.npz")), h
+
+    loaded = load_scenario(deployment["scenario"], out=str(root / "run-sim"))
+    sim_dir, sim_summary = run_scenario(loaded)
+    dep_rows, sim_rows = _rows(run_dir), _rows(sim_dir)
+    assert dep_rows.keys() == sim_rows.keys()
+    assert len(dep_rows) > 30
+    assert {k[4] for k in dep_rows} >= {"dice", "dice_c1", "dice_c2", "train_loss", "agg_weight"}
+    diffs = {k: abs(dep_rows[k] - sim_rows[k]) for k in dep_rows}
+    assert max(diffs.values()) <= 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    a, b = summary["arms"]["sequential"], sim_summary["arms"]["sequential"]
+    for key in ("acc", "bwt", "fwt", "forgetting"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert a["failed_updates"] == 0 and a["bytes_total"] == b["bytes_total"]
+
+    # The unregistered SuperNode was refused by the SuperLink (Flower exit code 305) and never joined.
+    intruder = deployment["intruder"]
+    rc = dep.wait_exit(intruder, 60)
+    assert rc not in (None, 0), rc
+    assert "Exit Code: 305" in Path(intruder.log).read_text()
+    assert len([n for n in dep.supernodes() if n["status"] == "online"]) == 3
+
+
+def _restart_h3(deployment, node_config: dict) -> None:
+    dep, pki = deployment["dep"], deployment["pki"]
+    dep.stop(["h3"])
+    dep.start_supernode("h3", node_config, private_key=pki.node_key("h3"))
+    dep.wait_online(3, timeout=60, watch=["h3"])
+
+
+@pytest.mark.flower
+def test_wrong_node_config_ends_the_run_with_a_clear_error(deployment):
+    """h3's SuperNode claims a hospital the scenario does not have: the ServerApp's identification step
+    ends the run (finished:failed) with the ClientApp's message instead of waiting for a timeout."""
+    _restart_h3(deployment, {"hospital-id": "h9", "data-dir": str(deployment["root"] / "sites" / "h3")})
+    out = deployment["root"] / "run-wrong-id"
+    t0 = time.perf_counter()
+    with pytest.raises(D.DeploymentError) as err:
+        D.run_deployment(deployment["scenario"], deployment["dep"], out=str(out), timeout_s=RUN_TIMEOUT)
+    # failed at identification: no round timeout (600 s) waited out, no run timeout hit
+    assert time.perf_counter() - t0 < RUN_TIMEOUT
+    msg = str(err.value)
+    assert "finished:failed" in msg and "hospital-id='h9' is not a hospital of this scenario" in msg
+    assert "hospital-id='h9'" in (out / "FAILED").read_text()
+    assert "could not identify its hospital" in (out / "simlab.log").read_text()
+
+
+@pytest.mark.flower
+def test_failing_hospital_is_recorded_and_others_complete(deployment):
+    """h3's ClientApp raises in round 2 (node config fail-at-round=2): the run completes, h3's round-2
+    update is recorded as train_failed, round 2 is aggregated from h1 and h2, every evaluation is there."""
+    _needs_node_config_support()
+    root = deployment["root"]
+    _restart_h3(deployment, {"hospital-id": "h3", "data-dir": str(root / "sites" / "h3"), "fail-at-round": 2})
+    run_dir, summary = D.run_deployment(deployment["scenario"], deployment["dep"], out=str(root / "run-fail"),
+                                        timeout_s=RUN_TIMEOUT)
+    rows = _rows(run_dir)
+    failed = {(k[1], k[2]) for k in rows if k[4] == "train_failed"}
+    assert failed == {(2, "h3")}
+    trained = {(k[1], k[2]) for k in rows if k[4] == "train_loss"}
+    assert trained == {(1, "h1"), (1, "h2"), (1, "h3"), (2, "h1"), (2, "h2")}
+    weights = {k[2]: v for k, v in rows.items() if k[4] == "agg_weight" and k[1] == 2}
+    assert set(weights) == {"h1", "h2"} and sum(weights.values()) == pytest.approx(1.0)
+    evals = {(k[1], k[2], k[3]) for k in rows if k[4] == "dice"}
+    assert evals == {(t, h, d) for t in (0, 2) for h in HOSPITALS for d in ("A", "B")}
+    costs = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    r2 = next(c for c in costs if c["round"] == 2)
+    assert r2["failed"] == ["h3"] and r2["replied"] == ["h1", "h2"]
+    assert summary["arms"]["sequential"]["failed_updates"] == 1
+    assert "fail-at-round=2" in (run_dir / "simlab.log").read_text()
