@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simlab.metrics.results import arm_results, pooled_stages
+from simlab.metrics.results import arm_results, hospital_stages, pool_events, pooled_stages
 from simlab.scenario.schema import load_scenario_dict
 
 RAW = {
@@ -54,3 +54,23 @@ def test_missing_evaluation_stays_nan_not_zero():
     sc = load_scenario_dict(RAW, "<t>").base
     res = arm_results(sc, rows({(5, "h1", "A"): 0.5}))
     assert res["per_hospital"]["h1"]["bwt"] is None and res["per_hospital"]["h1"]["R"][0][0] is None
+
+
+def test_detection_counts_member_changes_from_the_start_of_a_transition():
+    raw = {"name": "g", "domains": {"A": {}, "B": {}},
+           "hospitals": [{"id": "h", "drift": {"type": "gradual", "domains": ["A", "B"], "start": 3, "end": 7}},
+                         {"id": "k", "drift": {"type": "abrupt", "domains": ["A", "B"], "at": [4]}}],
+           "federation": {"rounds": 8}}
+    sc = load_scenario_dict(raw, "<t>").base
+    member = {"h": [0, 0, 0, 1, 1, 1, 1, 1], "k": [0, 0, 0, 0, 0, 2, 2, 2]}  # h moves in r4, k forks in r6
+    rows = [{"arm": "x", "round": t + 1, "hospital": h, "domain": None, "metric": "member", "value": m}
+            for h, ms in member.items() for t, m in enumerate(ms)]
+    rows += [{"arm": "x", "round": t, "hospital": "server", "domain": None, "metric": "pool_size", "value": 2}
+             for t in range(1, 9)]
+    rows += [{"arm": "x", "round": 6, "hospital": "k", "domain": "B", "metric": "fork", "value": 2},
+             {"arm": "x", "round": 2, "hospital": "h", "domain": "A", "metric": "fork", "value": 1}]
+    ev = pool_events(sc, rows)
+    assert ev["boundaries"] == 2 and ev["missed"] == 0
+    assert hospital_stages(sc, "h")[1].first_round == 6  # B becomes the majority in round 6 (share 3/4)
+    assert ev["detection_delays"] == [4 - 6, 6 - 4]  # h moved during the transition, k two rounds late
+    assert ev["false_alarms"] == 1  # the fork in round 2 answers no boundary

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from simlab.data.drift import true_domains
+from simlab.data.drift import plan, true_domains
 from simlab.metrics.continual import METRIC_LABELS, Stage, all_metrics, build_R, initial_scores, stages_from_domains
 from simlab.scenario.schema import Scenario
 
@@ -107,12 +107,26 @@ def arm_results(scenario: Scenario, rows: list[dict]) -> dict:
     return out
 
 
+def change_start(drift, before: Stage, stage: Stage) -> int:
+    """First round whose distribution differs from the previous stage's pure domain: the boundary
+    itself for abrupt changes, the start of the transition for gradual and population drift."""
+    t = stage.first_round
+    while t - 1 > before.first_round:
+        p = plan(drift, t - 1)
+        if p.interpolate is None and p.weights == {before.domain: 1.0}:
+            break
+        t -= 1
+    return t
+
+
 def pool_events(scenario: Scenario, rows: list[dict]) -> dict | None:
     """Pool growth and shift-detection quality from ODEx rows (None when the arm keeps one model).
 
     detection delay: for every true boundary of a hospital (first round of each stage after the
     first), rounds from the boundary to the hospital's first change of member (a fork, or a move to
-    another existing member) before its next boundary; a boundary without one is missed. A fork that
+    another existing member) before its next boundary; a boundary without one is missed. For gradual
+    and population drift a change from the start of the transition on counts (negative delay: the
+    change came before the new domain became the majority). A fork that
     answers no boundary is a false alarm. (First-round groups of unlike hospitals are initial members,
     not forks.) routing purity: share of a domain's test images routed to the member that trained most
     on that domain, at the last evaluation, averaged over domains and hospitals.
@@ -129,7 +143,8 @@ def pool_events(scenario: Scenario, rows: list[dict]) -> dict | None:
         stages = hospital_stages(scenario, h.id)
         for i, st in enumerate(stages[1:], start=1):
             end = stages[i + 1].first_round if i + 1 < len(stages) else scenario.federation.rounds + 1
-            hit = next((t for t in switches if st.first_round <= t < end), None)
+            begin = change_start(h.drift, stages[i - 1], st)
+            hit = next((t for t in switches if begin <= t < end), None)
             if hit is None:
                 missed += 1
             else:
