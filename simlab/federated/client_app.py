@@ -277,7 +277,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
         if domain in oracle:  # only for domains some member has trained on
             best = int(oracle[domain])
-            pred_o = predict(models[best], images, scenario.evaluation.batch_size, device)
+            pred_o, other = pred.clone(), routed != best  # images routed to the oracle member are done
+            if other.any():
+                pred_o[torch.from_numpy(other)] = predict(models[best], images[other], scenario.evaluation.batch_size,
+                                                          device)
             _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, scenario.num_classes))
             out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
     out["num-examples"] = float(len(scenario.eval_domains) * scenario.evaluation.test_size)
