@@ -245,6 +245,18 @@ def relative_bwt(R: Sequence[Sequence[float]] | np.ndarray) -> float:
     return float(_relative_change(A[-1, i], A[i, i]).mean())
 
 
+def _later_diagonals(R, R_seq) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(R[i][i], R_seq[i][i])`` for stages 2..N; None when N == 1."""
+    A = _as_R(R)
+    S = _as_R(R_seq, "R_seq")
+    if S.shape != A.shape:
+        raise ValueError(f"R_seq must have the shape of R {A.shape}, got {S.shape}")
+    if A.shape[0] < 2:
+        return None
+    i = np.arange(1, A.shape[0])
+    return A[i, i], S[i, i]
+
+
 def relative_fwt(
     R: Sequence[Sequence[float]] | np.ndarray, R_seq: Sequence[Sequence[float]] | np.ndarray
 ) -> float:
@@ -257,15 +269,8 @@ def relative_fwt(
     Zero denominators: a term with ``R^Seq[i][i] == 0`` is NaN and makes the mean NaN. NaN
     for ``N == 1``.
     """
-    A = _as_R(R)
-    S = _as_R(R_seq, "R_seq")
-    if S.shape != A.shape:
-        raise ValueError(f"R_seq must have the shape of R {A.shape}, got {S.shape}")
-    n = A.shape[0]
-    if n < 2:
-        return math.nan
-    i = np.arange(1, n)
-    return float(_relative_change(A[i, i], S[i, i]).mean())
+    diag = _later_diagonals(R, R_seq)
+    return math.nan if diag is None else float(_relative_change(*diag).mean())
 
 
 def abs_fwt_seq(
@@ -278,15 +283,8 @@ def abs_fwt_seq(
     stage mean. (Their absolute BWT, ``mean_{i<N} (R[N][i] − R[i][i])``, is GEM's BWT.)
     NaN for ``N == 1``.
     """
-    A = _as_R(R)
-    S = _as_R(R_seq, "R_seq")
-    if S.shape != A.shape:
-        raise ValueError(f"R_seq must have the shape of R {A.shape}, got {S.shape}")
-    n = A.shape[0]
-    if n < 2:
-        return math.nan
-    i = np.arange(1, n)
-    return float((A[i, i] - S[i, i]).mean())
+    diag = _later_diagonals(R, R_seq)
+    return math.nan if diag is None else float((diag[0] - diag[1]).mean())
 
 
 # --------------------------------------------------------------------------------------
