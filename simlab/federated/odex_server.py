@@ -69,8 +69,9 @@ class OdexFederation(Federation):
                     continue
                 dice = float(reply.content["metrics"]["dice"])
                 last = self.pool.members[m].last_dice.get(h)
-                out[h] = Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last, dice)
+                out[h] = Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last)
                 self.pool.members[m].last_dice[h] = dice
+                self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
             down = len(targets) * state_nbytes(self.pool.members[0].state)
             return out, down, 0
         hist = self.histories()
