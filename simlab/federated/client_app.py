@@ -193,10 +193,6 @@ def _odex_entry(scenario: Scenario, model: torch.nn.Module, window, t: int, devi
     return fit_entry(z, {}, odex.shift, t)
 
 
-def _histories(msg: Message) -> dict[int, list]:
-    return unpack_histories(msg.content)
-
-
 @app.query("shift")
 def shift_scores(msg: Message, context: Context) -> Message:
     """ODEx query: mean normalised score of this round's window under every entry of every member."""
@@ -207,7 +203,7 @@ def shift_scores(msg: Message, context: Context) -> Message:
     template = build_model(scenario.model, scenario.num_classes).to(device)
     window = stream.window(int(cfg["round"]))
     out = {}
-    for m, history in _histories(msg).items():
+    for m, history in unpack_histories(msg.content).items():
         s = member_scores(template, odex.features, odex.shift, history, window.images, device)
         out[f"s{m}"] = [float(v) for v in s.mean(axis=1)]
     return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
@@ -252,7 +248,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     pool_ids = [int(m) for m in cfg["members"]] if "members" in cfg else []
     if pool_ids:
         models = {m: _model(scenario, msg.content[f"m{m}"], device) for m in pool_ids}
-        histories = _histories(msg)
+        histories = unpack_histories(msg.content)
         oracle = json.loads(str(cfg["oracle"]))
         odex = scenario.continual.odex
         template = build_model(scenario.model, scenario.num_classes).to(device)

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from simlab.data.drift import true_domains
-from simlab.federated.aggregation import EmptyAggregation, aggregate, check_update
+from simlab.federated.aggregation import EmptyAggregation, aggregate
 from simlab.federated.messages import from_array_record, hospital_part, state_nbytes, to_array_record
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
 from simlab.runlog import RunLog
