@@ -19,14 +19,15 @@ examples:
   simlab run scenarios/quickstart.yaml
   simlab run scenarios/quickstart.yaml --seed 3 --out runs/qs-seed3
   simlab run scenarios/quickstart.yaml --set federation.rounds=10 --set data.image_size=64
+  simlab run --resume runs/qs-seed3          (continue a run that stopped, from its checkpoints)
   simlab validate scenarios/quickstart.yaml
   simlab report runs/quickstart-20261123-101500
   simlab compare runs/a runs/b --baseline tests/regression/baselines/forgetting.yaml
 """
 
 
-def _add_scenario_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", help="scenario YAML file")
+def _add_scenario_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("scenario", nargs="?" if optional else None, help="scenario YAML file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value by its dotted key, e.g. federation.lr=0.01 (repeatable; "
                         "VALUE is YAML, so lists like [1,2] work)")
@@ -39,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario (every arm) and write a run directory",
                          description="Run every arm of a scenario on identical hospital streams through Flower's "
                                      "simulation engine; print a results table and the run directory.")
-    _add_scenario_args(run)
+    _add_scenario_args(run, optional=True)
     run.add_argument("--out", default=None, help="run directory (default runs/<name>-<time>; must be new or empty)")
+    run.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue a run that stopped (crash, kill, lost machine) from its last checkpoints, with "
+                          "the scenario it started with; takes no scenario, --set, --seed or --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     val = sub.add_parser("validate", help="check a scenario file and print it resolved",
@@ -81,7 +85,13 @@ class Progress:
     """Terminal progress: data preparation, then rounds of each arm."""
 
     def __init__(self, console, enabled: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+        from rich.progress import Progress as RichProgress
 
         self.enabled = enabled
         self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -122,13 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     from rich.console import Console
 
+    from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
+    from simlab.runner import RunDirError, data_items, run_scenario
     from simlab.scenario.loader import ScenarioError
     from simlab.scenario.schema import load_scenario
 
     console = Console(stderr=False)
     err = Console(stderr=True)
+    resume = getattr(args, "resume", None)
+    if args.command == "run" and (resume is None) == (args.scenario is None):
+        err.print("error: simlab run takes a scenario file, or --resume RUN_DIR (not both)")
+        return 2
+    if resume is not None and (args.overrides or args.seed is not None or args.out):
+        err.print("error: --resume continues a run with the scenario it started with; --set, --seed and --out "
+                  "cannot change it")
+        return 2
     try:
+        if resume is not None:
+            return _resume(resume, args, console, err)
         loaded = load_scenario(args.scenario, args.overrides, args.seed, getattr(args, "out", None))
         if args.command == "validate":
             arms = ", ".join(f"{n} ({s.continual.method}, {s.federation.aggregation.rule})" for n, s in loaded.arms.items())
@@ -136,24 +158,47 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{args.scenario}: valid. {len(sc.hospitals)} hospitals, {len(sc.domains)} domains, "
                           f"{sc.federation.rounds} rounds; arms: {arms}")
             return 0
-        from simlab.runner import RunDirError, data_items, run_scenario
-
         with Progress(console, enabled=not args.quiet) as progress:
             progress.start_data(data_items(loaded))
             run_dir, summary = run_scenario(loaded, progress)
-        print_summary(console, summary, run_dir)
-        if not args.no_report:
-            from simlab.report import write_report
-
-            console.print(f"report: [bold]{write_report(run_dir)}[/bold]")
-        return 0
+        return _finish(console, summary, run_dir, args)
     except ScenarioError as exc:
         err.print("[red]invalid scenario[/red]")
         err.print(str(exc), highlight=False, markup=False)
         return 2
-    except (NiftiDataError, RunDirError) as exc:
+    except (NiftiDataError, RunDirError, CheckpointError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+
+
+def _finish(console, summary: dict, run_dir: Path, args) -> int:
+    print_summary(console, summary, run_dir)
+    if not args.no_report:
+        from simlab.report import write_report
+
+        console.print(f"report: [bold]{write_report(run_dir)}[/bold]")
+    return 0
+
+
+def _resume(run_dir: str, args, console, err) -> int:
+    """``simlab run --resume``: the engine the run started on (run.json) continues it."""
+    from simlab.runner import data_items, resume_inputs, run_scenario
+
+    path, loaded, info = resume_inputs(run_dir)
+    console.print(f"resuming {path} ({info.get('engine', 'simulation')})")
+    if info.get("engine") == "deployment":
+        from simlab.engine.deploy import Deployment, DeploymentError, run_deployment
+
+        try:
+            run_dir_, summary = run_deployment(None, Deployment(info["deployment_state"]), resume_dir=path)
+        except DeploymentError as exc:
+            err.print(f"error: {exc}", highlight=False, markup=False)
+            return 1
+        return _finish(console, summary, run_dir_, args)
+    with Progress(console, enabled=not args.quiet) as progress:
+        progress.start_data(data_items(loaded))
+        run_dir_, summary = run_scenario(loaded, progress, resume_dir=path)
+    return _finish(console, summary, run_dir_, args)
 
 
 if __name__ == "__main__":

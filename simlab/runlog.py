@@ -22,28 +22,44 @@ def _clean(v):
 
 class RunLog:
     def __init__(self, run_dir: Path, arm: str, on_round: Callable[[int], None] | None = None):
+        self.run_dir = Path(run_dir)
         self.arm = arm
         self.on_round = on_round
         self._lock = threading.Lock()
-        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self._rounds = open(run_dir / "rounds.jsonl", "a", encoding="utf-8")
-        self.eval_rows: list[dict] = []
+        self._metrics = open(self.run_dir / "metrics.jsonl", "ab")
+        self._rounds = open(self.run_dir / "rounds.jsonl", "ab")
 
     def metric(self, round_: int, hospital: str, domain: str | None, metric: str, value: float) -> None:
         row = {"arm": self.arm, "round": round_, "hospital": hospital, "domain": domain,
                "metric": metric, "value": _clean(float(value))}
         with self._lock:
-            self._metrics.write(json.dumps(row) + "\n")
-            if metric.startswith("dice"):
-                self.eval_rows.append(row)
+            self._metrics.write(json.dumps(row).encode() + b"\n")
 
     def round_cost(self, round_: int, **values) -> None:
         with self._lock:
-            self._rounds.write(json.dumps({"arm": self.arm, "round": round_, **values}) + "\n")
+            self._rounds.write(json.dumps({"arm": self.arm, "round": round_, **values}).encode() + b"\n")
             self._metrics.flush()
             self._rounds.flush()
         if self.on_round is not None:
             self.on_round(round_)
+
+    def sizes(self) -> dict[str, int]:
+        """Byte lengths of metrics.jsonl and rounds.jsonl, everything written so far flushed."""
+        with self._lock:
+            self._metrics.flush()
+            self._rounds.flush()
+            return {"metrics_bytes": self._metrics.tell(), "rounds_bytes": self._rounds.tell()}
+
+    def rewind(self, metrics_bytes: int, rounds_bytes: int) -> None:
+        """Cut both files back to the given lengths (resume: drop rows written after a checkpoint)."""
+        with self._lock:
+            for fh, n in ((self._metrics, metrics_bytes), (self._rounds, rounds_bytes)):
+                fh.flush()
+                if fh.tell() < n:
+                    raise ValueError(f"{fh.name} is shorter ({fh.tell()} bytes) than its checkpoint says ({n}): "
+                                     f"the run directory was changed after the checkpoint was written")
+                fh.truncate(n)
+                fh.seek(n)
 
     def close(self) -> None:
         self._metrics.close()

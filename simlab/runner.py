@@ -9,6 +9,10 @@ Run directory::
     dice_by_round/<arm>.csv                      mean Dice per evaluated round × domain
     summary.json         arms.<name>.{acc, bwt, fwt, forgetting, wall_time_s, per_hospital, ...}
     simlab.log           the log
+    run.json             what the run was started with (the scenario as read, with overrides; the engine),
+                         so that ``simlab run --resume RUN_DIR`` can continue it
+    checkpoints/<arm>.npz  the latest checkpoint of each arm (see simlab.checkpoint)
+    hospital-state/      simulation: the hospitals' saved method state, removed when an arm completes
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -24,10 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from simlab.checkpoint import HOSPITAL_STATE, checkpoint_path, read_meta
 from simlab.data.streams import DataFactory
 from simlab.metrics.results import LABELS, arm_results, dice_by_round, rows_by_arm
 from simlab.runlog import RunLog
-from simlab.scenario.schema import LoadedScenario, resolved_dict
+from simlab.scenario.schema import LoadedScenario, load_scenario_dict, resolved_dict
 
 log = logging.getLogger("simlab")
 
@@ -54,6 +60,37 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def start_run_dir(loaded: LoadedScenario, engine: dict) -> Path:
+    """A new run directory with the resolved scenario and ``run.json`` (the inputs, for resuming)."""
+    run_dir = make_run_dir(loaded).resolve()
+    _atomic_write(run_dir / "scenario.yaml", yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
+    _atomic_write(run_dir / "run.json", json.dumps({"source": loaded.source, "raw": loaded.raw, **engine}, indent=1))
+    return run_dir
+
+
+def resume_inputs(run_dir: str | Path) -> tuple[Path, LoadedScenario, dict]:
+    """(run directory, scenario, run.json) of a run to resume; the scenario is rebuilt from run.json, so
+    a scenario file edited since the start does not change the run."""
+    run_dir = Path(run_dir).resolve()
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise RunDirError(f"{run_dir}: not a run directory that can be resumed (no run.json)")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        raw, source = info["raw"], info["source"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{info_path}: unreadable ({type(exc).__name__}: {exc})") from None
+    return run_dir, load_scenario_dict(raw, source), info
+
+
+def arm_status(run_dir: Path, arm: str, sc) -> tuple[bool, float]:
+    """(whether the arm's checkpoint says it completed, server wall time recorded so far)."""
+    meta = read_meta(checkpoint_path(run_dir, arm))
+    if meta is None:
+        return False, 0.0
+    return meta.get("round") == sc.federation.rounds, float(meta.get("elapsed_s", 0.0))
 
 
 def prepare_data(loaded: LoadedScenario, tick: Callable[[], None] | None = None) -> int:
@@ -131,32 +168,44 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
     return summary
 
 
-def run_scenario(loaded: LoadedScenario, progress=None) -> tuple[Path, dict]:
-    """Run every arm of ``loaded``; ``progress`` is an optional :class:`Progress`-like reporter."""
+def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None = None) -> tuple[Path, dict]:
+    """Run every arm of ``loaded``; ``progress`` is an optional :class:`Progress`-like reporter.
+    ``resume_dir``: continue that run (completed arms are kept, the others go on from their checkpoints)."""
     from simlab.engine.simulation import simulate
 
-    run_dir = make_run_dir(loaded)
+    if resume_dir is None:
+        run_dir = start_run_dir(loaded, {"engine": "simulation"})
+    else:
+        run_dir = Path(resume_dir)
+        (run_dir / "FAILED").unlink(missing_ok=True)
     handler = logging.FileHandler(run_dir / "simlab.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("simlab", "flwr"):
         logging.getLogger(name).addHandler(handler)
     logging.getLogger("simlab").setLevel(logging.INFO)
     try:
-        _atomic_write(run_dir / "scenario.yaml", yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
         t0 = time.perf_counter()
         prepare_data(loaded, progress.data_tick if progress else None)
         log.info("data ready in %.1f s", time.perf_counter() - t0)
         wall: dict[str, float] = {}
         for arm, sc in loaded.arms.items():
-            runlog = RunLog(run_dir, arm, on_round=(lambda t, arm=arm: progress.round_done(arm, t)) if progress else None)
+            done, before = arm_status(run_dir, arm, sc) if resume_dir is not None else (False, 0.0)
             if progress:
                 progress.start_arm(arm, sc.federation.rounds)
+            if done:
+                wall[arm] = before
+                log.info("arm %s completed before the restart", arm)
+                if progress:
+                    progress.round_done(arm, sc.federation.rounds)
+                continue
+            runlog = RunLog(run_dir, arm, on_round=(lambda t, arm=arm: progress.round_done(arm, t)) if progress else None)
             start = time.perf_counter()
             try:
-                simulate(sc, runlog)
+                simulate(sc, runlog, resume=resume_dir is not None)
             finally:
                 runlog.close()
-            wall[arm] = time.perf_counter() - start
+            wall[arm] = before + time.perf_counter() - start
+            shutil.rmtree(run_dir / HOSPITAL_STATE, ignore_errors=True)
             log.info("arm %s finished in %.1f s", arm, wall[arm])
         summary = write_results(run_dir, loaded, wall)
         return run_dir, summary

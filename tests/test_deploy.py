@@ -8,7 +8,8 @@ with other jobs at load 10, dominated by Flower starting a fresh ClientApp proce
 and MONAI, for every message at every hospital): the same
 scenario gives the same metrics as simulation; a 4th SuperNode with an unregistered key is refused; a
 hospital with a wrong node config ends the run with a clear error instead of hanging; a hospital
-failing in round 2 is recorded while the others' metrics stay complete.
+failing in round 2 is recorded while the others' metrics stay complete; a ServerApp killed after round 1
+is resumed from its checkpoint and ends with the metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -224,6 +225,20 @@ def test_run_config_parsing_of_the_deploy_server_app(tmp_path):
         scenario_from_run_config({"scenario": str(sc), "arm": "a", "run-dir": str(run), "overrides": "{bad"})
 
 
+def test_missing_hospital_fails_after_the_connect_timeout_not_the_round_timeout():
+    from simlab.federated.server_app import FederationError, wait_for_nodes
+
+    class TwoOfThree:
+        def get_node_ids(self):
+            return [11, 12]
+
+    t0 = time.perf_counter()
+    with pytest.raises(FederationError, match=r"only 2 of 3 hospitals connected within 0 s \(federation.connect_timeout_s\)"):
+        wait_for_nodes(TwoOfThree(), 3, 0.3)
+    assert time.perf_counter() - t0 < 5
+    assert wait_for_nodes(TwoOfThree(), 2, 0.3) == [11, 12]
+
+
 def test_stop_kills_the_whole_tree_by_pid_and_spares_recycled_pids(tmp_path):
     """A recorded process and its (detached) child are stopped; a record whose PID now belongs to
     another process (different start time) is left alone."""
@@ -363,6 +378,73 @@ def test_deployment_matches_simulation(deployment):
     assert rc not in (None, 0), rc
     assert "Exit Code: 305" in Path(intruder.log).read_text()
     assert len([n for n in dep.supernodes() if n["status"] == "online"]) == 3
+
+
+def _serverapp_pids(dep: D.Deployment) -> list[int]:
+    """The ServerApp processes (``flwr-serverapp``) the SuperLink started."""
+    link = next(r for r in dep.records if r.role == "superlink")
+    pids = []
+    for pid in D.descendants(link.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(Path(a.decode(errors="replace")).name == "flwr-serverapp" for a in argv[:2]):
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.flower
+def test_killed_server_app_resumes_to_identical_metrics(deployment):
+    """The ServerApp process is SIGKILLed once round 1 of a 2-round EWC run is logged (each hospital keeps
+    its Fisher between rounds, saved in its node's state-dir); `simlab run --resume RUN_DIR` submits a new
+    Flower run that continues from the checkpoint. The final metrics.jsonl equals, byte for byte, the
+    same scenario run uninterrupted in simulation (which the first test shows equal to a deployment)."""
+    from simlab.cli import main
+    from simlab.runner import run_scenario
+    from simlab.scenario.schema import load_scenario
+
+    dep, root = deployment["dep"], deployment["root"]
+    overrides = ["continual.method=ewc"]  # 2 rounds: killed after round 1, round 2 needs round 1's Fisher
+    out = root / "run-killed"
+    failure: dict = {}
+
+    def first_attempt():
+        try:
+            D.run_deployment(deployment["scenario"], dep, overrides=overrides, out=str(out), timeout_s=RUN_TIMEOUT)
+        except D.DeploymentError as exc:
+            failure["error"] = exc
+
+    thread = threading.Thread(target=first_attempt)
+    thread.start()
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not any(r["round"] >= 1 for r in _cost_rows(out)):
+        assert thread.is_alive() and time.monotonic() < deadline, "round 1 never came"
+        time.sleep(0.1)
+    pids = _serverapp_pids(dep)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    t_kill = time.perf_counter()
+    # Flower would mark the run failed after its 60 s heartbeat timeout; stop it now instead
+    run_id = json.loads((out / "run.json").read_text())["flower_runs"]["ewc"]
+    dep.flwr("stop", str(run_id), D.CONNECTION, check=False)
+    thread.join(timeout=RUN_TIMEOUT)
+    assert "error" in failure and (out / "FAILED").exists()
+    assert max(r["round"] for r in _cost_rows(out)) < 2
+
+    assert main(["run", "--resume", str(out), "--quiet", "--no-report"]) == 0
+    resume_s = time.perf_counter() - t_kill
+    assert not (out / "FAILED").exists()
+    sim_dir, _ = run_scenario(load_scenario(deployment["scenario"], overrides, out=str(root / "run-killed-sim")))
+    assert (out / "metrics.jsonl").read_bytes() == (sim_dir / "metrics.jsonl").read_bytes()
+    assert [r["round"] for r in _cost_rows(out)] == [0, 1, 2]
+    assert all(any((root / "state" / "hospital-state" / h).rglob("round-*.npz")) for h in HOSPITALS)
+    print(f"loopback deployment: ServerApp killed after round 1, resumed and finished in {resume_s:.0f} s")
+
+
+def _cost_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
 
 
 def _restart_h3(deployment, node_config: dict) -> None:

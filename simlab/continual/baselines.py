@@ -26,6 +26,7 @@ class LocalResult:
 class Sequential:
     name = "sequential"
     breaks_no_rehearsal = False
+    keeps_state = False  # whether LocalResult.state carries anything to the next round
 
     def rounds_to_train_on(self, t: int, state: dict[str, np.ndarray]) -> list[int]:
         return [t]
@@ -48,6 +49,7 @@ class Sequential:
 class Joint(Sequential):
     name = "joint"
     breaks_no_rehearsal = True
+    keeps_state = True
 
     def rounds_to_train_on(self, t: int, state: dict[str, np.ndarray]) -> list[int]:
         seen = [int(r) for r in state.get("seen_rounds", np.zeros(0, np.int64))]
@@ -67,6 +69,7 @@ class EWC(Sequential):
     """
 
     name = "ewc"
+    keeps_state = True
 
     def __init__(self, strength: float = 100.0, decay: float = 0.9, fisher_batches: int = 4):
         self.strength, self.decay, self.fisher_batches = strength, decay, fisher_batches

@@ -765,8 +765,9 @@ def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[st
              online_timeout: float = 60.0) -> Deployment:
     """SuperLink (TLS + node auth with a PKI) and one registered SuperNode per hospital, all online.
 
-    Each SuperNode's node config is ``hospital-id=<id>`` and, with ``data_dir``, ``data-dir=<data_dir>/<id>``
-    (created); ``node_config[<id>]`` adds or replaces keys. Keys missing from the PKI are created.
+    Each SuperNode's node config is ``hospital-id=<id>``, ``state-dir=<state>/hospital-state/<id>`` (where
+    the hospital saves method state that must survive a server restart) and, with ``data_dir``,
+    ``data-dir=<data_dir>/<id>`` (created); ``node_config[<id>]`` adds or replaces keys. Keys missing from the PKI are created.
     ``state`` is a state directory or a :class:`Deployment` on one. On any failure every process started
     so far is stopped before the error is raised.
     """
@@ -779,7 +780,7 @@ def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[st
                 dep.register(pki.node_pub(hid))
         ports = free_ports(len(hospitals))
         for hid, p in zip(hospitals, ports):
-            cfg: dict[str, str | int] = {"hospital-id": hid}
+            cfg: dict[str, str | int] = {"hospital-id": hid, "state-dir": str(dep.state_dir / "hospital-state" / hid)}
             if data_dir is not None:
                 d = Path(data_dir).resolve() / hid
                 d.mkdir(parents=True, exist_ok=True)
@@ -794,43 +795,68 @@ def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[st
 
 
 def default_timeout(scenario) -> float:
-    """Longest a healthy run may take: every phase (identify, evaluation at round 0, then per round a
-    training and an evaluation) waiting its full ``federation.round_timeout_s``, plus a minute."""
-    return scenario.federation.round_timeout_s * (2 * scenario.federation.rounds + 2) + 60.0
+    """Longest a healthy run may take: nodes connecting (``federation.connect_timeout_s``), then every
+    phase (identify, evaluation at round 0, then per round a training and an evaluation) waiting its
+    full ``federation.round_timeout_s``, plus a minute."""
+    fed = scenario.federation
+    return fed.connect_timeout_s + fed.round_timeout_s * (2 * fed.rounds + 2) + 60.0
 
 
-def run_deployment(scenario: str | Path, dep: Deployment, *, overrides: list[str] | None = None,
+def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: list[str] | None = None,
                    seed: int | None = None, out: str | None = None, app_dir: str | Path | None = None,
-                   timeout_s: float | None = None) -> tuple[Path, dict]:
+                   timeout_s: float | None = None, resume_dir: str | Path | None = None) -> tuple[Path, dict]:
     """Run every arm of a scenario on a running deployment (one Flower run per arm, in order) and write
     the run directory as ``simlab run`` does. Must run on the SuperLink's machine: the ServerApp writes
     into the run directory and reads the scenario file by the absolute paths given in the run config.
 
+    ``resume_dir``: continue that run after its ServerApp died (``simlab run --resume``); the scenario
+    (``scenario`` is ignored), overrides and seed come from its run.json, completed arms are kept, the others continue from their
+    checkpoints, and Flower runs of this run directory still marked running are stopped first.
+
     A run that ends other than ``finished:completed`` stops everything: ``FAILED`` is written into the
     run directory with the status details, and :class:`DeploymentError` carries the tail of its log.
     """
-    import yaml
+    from simlab.runner import _atomic_write, arm_status, resume_inputs, start_run_dir, write_results
+    from simlab.scenario.schema import load_scenario
 
-    from simlab.runner import _atomic_write, make_run_dir, write_results
-    from simlab.scenario.schema import load_scenario, resolved_dict
-
-    path = Path(scenario).resolve()
+    if resume_dir is not None:
+        run_dir, _, info = resume_inputs(resume_dir)
+        path, overrides, seed = Path(info["scenario"]), list(info["overrides"]), info["seed"]
+        (run_dir / "FAILED").unlink(missing_ok=True)
+        for run_id in info.get("flower_runs", {}).values():
+            try:
+                stale = not str(dep.status(run_id).get("status", "")).startswith(FINISHED)
+            except DeploymentError:  # a SuperLink restarted since does not know it
+                stale = False
+            if stale:
+                dep.flwr("stop", str(run_id), CONNECTION, check=False)
+    path = Path(scenario).resolve() if resume_dir is None else path
     overrides = list(overrides or [])
     loaded = load_scenario(path, overrides, seed, out)
     server_overrides = overrides + ([f"seed={seed}"] if seed is not None else [])
-    run_dir = make_run_dir(loaded).resolve()
-    _atomic_write(run_dir / "scenario.yaml", yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
+    if resume_dir is None:
+        info = {"engine": "deployment", "scenario": str(path), "overrides": overrides, "seed": seed,
+                "deployment_state": str(dep.state_dir), "flower_runs": {}}
+        run_dir = start_run_dir(loaded, info)
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     wall: dict[str, float] = {}
     try:
         for arm, sc in loaded.arms.items():
+            done, before = arm_status(run_dir, arm, sc) if resume_dir is not None else (False, 0.0)
+            if done:
+                wall[arm] = before
+                continue
             start = time.perf_counter()
             run_id = dep.submit({"scenario": str(path), "arm": arm, "run-dir": str(run_dir),
-                                 "overrides": json.dumps(server_overrides)}, app_dir)
+                                 "overrides": json.dumps(server_overrides), "resume": resume_dir is not None},
+                                app_dir)
+            info["flower_runs"] = {**info.get("flower_runs", {}), arm: run_id}
+            _atomic_write(run_dir / "run.json", json.dumps(info, indent=1))
             try:
                 st = dep.wait(run_id, timeout_s or default_timeout(sc))
             finally:
                 (run_dir / f"flower-{arm}.log").write_text(dep.run_logs(run_id), encoding="utf-8")
-            wall[arm] = time.perf_counter() - start
+            wall[arm] = before + time.perf_counter() - start
             if st.get("status") != COMPLETED:
                 logs = (run_dir / f"flower-{arm}.log").read_text(encoding="utf-8")
                 raise DeploymentError(f"arm {arm}: run {run_id} ended {st.get('status')}: {st.get('status-details', '')}"
@@ -852,7 +878,8 @@ TLS and SuperNode authentication on.
   tools/deploy status --state DIR          processes, SuperNodes and runs
   tools/deploy logs RUN_ID --state DIR
   tools/deploy register KEY.pub --state DIR    admit a remote hospital's SuperNode
-  tools/deploy node --superlink HOST:PORT --ca ca.crt --key KEY --hospital ID [--data-dir DIR] [--port P]
+  tools/deploy node --superlink HOST:PORT --ca ca.crt --key KEY --hospital ID [--data-dir DIR] [--state-dir DIR]
+                    [--port P]
   tools/deploy down --state DIR             stop every process `up` started (SuperNodes first)
 
 See docs/deployment.md for a walk-through on one machine and across machines.
@@ -910,6 +937,8 @@ def _parser(prog: str = "tools/deploy") -> argparse.ArgumentParser:
     n.add_argument("--key", required=True, help="this SuperNode's private key")
     n.add_argument("--hospital", required=True, help="hospital id in the scenario")
     n.add_argument("--data-dir", default=None, help="this hospital's data directory")
+    n.add_argument("--state-dir", default=None, help="where this hospital saves method state between rounds "
+                                                     "(needed by EWC and joint arms)")
     n.add_argument("--port", type=int, default=9094, help="local runtime API port (distinct per SuperNode)")
 
     d = sub.add_parser("down", help="stop every process of a deployment")
@@ -990,6 +1019,8 @@ def _dispatch(args) -> int:
         cfg: dict[str, str] = {"hospital-id": args.hospital}
         if args.data_dir:
             cfg["data-dir"] = str(Path(args.data_dir).resolve())
+        if args.state_dir:
+            cfg["state-dir"] = str(Path(args.state_dir).resolve())
         cmd = [Deployment.tool("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port),
                "--root-certificates", str(Path(args.ca).resolve()), "--auth-supernode-private-key",
                str(Path(args.key).resolve()), "--node-config", node_config_arg(cfg)]

@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from simlab.checkpoint import HOSPITAL_STATE
 from simlab.federated.client_app import app as client_app
 from simlab.federated.server_app import make_server_app
 from simlab.runlog import RunLog
@@ -56,8 +57,10 @@ def _quiet_flower() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
 
 
-def simulate(scenario: Scenario, runlog: RunLog) -> None:
-    """Run one resolved arm; raises on any ServerApp failure."""
+def simulate(scenario: Scenario, runlog: RunLog, *, resume: bool = False) -> None:
+    """Run one resolved arm; raises on any ServerApp failure. ``resume``: continue from the arm's
+    checkpoint. Hospitals save their method state under ``<run dir>/hospital-state`` (each virtual
+    hospital's "own disk" is this machine's)."""
     _quiet_flower()
     from flwr.simulation import run_simulation
 
@@ -69,7 +72,8 @@ def simulate(scenario: Scenario, runlog: RunLog) -> None:
                       "log_to_driver": False, "include_dashboard": False},
     }
     run_simulation(
-        server_app=make_server_app(scenario, runlog),
+        server_app=make_server_app(scenario, runlog, resume=resume,
+                                   hospital_state_dir=str((runlog.run_dir / HOSPITAL_STATE).resolve())),
         client_app=client_app,
         num_supernodes=len(scenario.hospitals),
         backend_config=backend_config,

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
+from simlab.checkpoint import HospitalStateStore
 from simlab.continual.baselines import make_method
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
@@ -111,6 +112,30 @@ def _injected_failure(context: Context, t: int) -> None:
         raise RuntimeError(f"failure injected by node config fail-at-round={at}")
 
 
+def _state_store(cfg, context: Context, hospital_id: str) -> HospitalStateStore | None:
+    """Where this hospital saves its method state so that a restarted server can continue the run:
+    node config ``state-dir`` (a deployment), else the directory the server names (simulation, where
+    every hospital runs on the server's machine). None when the server asks for nothing to be saved."""
+    if "state-key" not in cfg:
+        return None
+    root = context.node_config.get("state-dir", cfg.get("state-dir"))
+    if root is None:
+        raise ValueError("this scenario's continual method keeps state at the hospital between rounds, which is "
+                         "saved on the hospital's disk so that the run survives a server restart: start the "
+                         "SuperNode with --node-config 'state-dir=<a writable directory>'")
+    return HospitalStateStore(str(root), str(cfg["state-key"]), hospital_id)
+
+
+def _method_state(cfg, context: Context, store: HospitalStateStore | None) -> dict[str, np.ndarray]:
+    """The method state this round continues from: this run's own (in the node's context), else, after
+    a server restart, the state saved after the round the server last received this hospital's update."""
+    if STATE_KEY in context.state:
+        return from_array_record(context.state[STATE_KEY])
+    if store is not None and int(cfg["state-round"]) > 0:
+        return store.load(int(cfg["state-round"]))
+    return {}
+
+
 def _setup(scenario: Scenario) -> str:
     threads = max(1, int(scenario.engine.cpus_per_client))
     if torch.get_num_threads() != threads:
@@ -130,6 +155,7 @@ def identify(msg: Message, context: Context) -> Message:
     ids = list(msg.content["config"]["hospital-ids"])
     hid = hospital_identity(dict(context.node_config), ids)
     node_data_dir(context.node_config)  # a wrong data-dir stops the run here, not round by round
+    _state_store(msg.content["config"], context, hid)  # so does a missing state-dir
     return Message(RecordDict({"config": ConfigRecord({"hospital-id": hid})}), reply_to=msg)
 
 
@@ -172,12 +198,16 @@ def train(msg: Message, context: Context) -> Message:
                             episodic=scenario.augmentation.frequency.enabled and scenario.augmentation.frequency.episodic)
     method = make_method(scenario.continual)
     entry = _odex_entry(scenario, model, stream.window(t), t, device) if scenario.continual.method == "odex" else None
-    state = from_array_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+    store = _state_store(msg.content["config"], context, stream.hospital.id)
+    state = _method_state(msg.content["config"], context, store)
     result = method.local_update(model, stream, t, state, train_cfg,
                                  seed=derive_seed(scenario.seed, "train", stream.hospital.id, t),
                                  augment=_augmenter(scenario, msg, stream.hospital.id, t))
     if result.state:
         context.state[STATE_KEY] = to_array_record(result.state)
+        if store is not None:
+            store.save(t, result.state)
+            store.prune(keep_from=int(msg.content["config"]["state-round"]))
     content = RecordDict({"arrays": to_array_record(state_to_numpy(model)),
                           "metrics": metrics({**result.metrics, "num-examples": result.metrics["num_examples"]})})
     if entry is not None:

@@ -8,6 +8,7 @@ ServerApp to a Scenario and a RunLog in-process, here everything comes from the 
     arm         which resolved arm to run (may be empty when the scenario has a single arm)
     run-dir     the run directory; metrics.jsonl, rounds.jsonl and simlab.log are appended to
     overrides   JSON list of "dotted.key=value" strings, applied like ``simlab run --set``
+    resume      true: continue the arm from its checkpoint in the run directory (after a crash)
 
 It then runs the ServerApp that :func:`simlab.federated.server_app.make_server_app` builds for that
 arm, exactly as simulation does. Any error (invalid scenario, a hospital that cannot identify itself,
@@ -85,7 +86,8 @@ def main(grid: Grid, context: Context) -> None:
     runlog = RunLog(run_dir, arm)
     try:
         log.info("deployment run %s: arm %s of %s", context.run_id, arm, scenario.name)
-        make_server_app(scenario, runlog)(grid, context)
+        resume = str(context.run_config.get("resume", False)).lower() == "true"
+        make_server_app(scenario, runlog, resume=resume)(grid, context)
         log.info("deployment run %s: arm %s finished", context.run_id, arm)
     except BaseException as exc:
         log.error("deployment run %s: arm %s failed: %s: %s", context.run_id, arm, type(exc).__name__, exc)

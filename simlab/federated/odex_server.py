@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from simlab.continual.odex import Decision, Entry, Pool, cluster_entries, first_block_keys, merge_entries
+from simlab.checkpoint import flat, nest
+from simlab.continual.odex import Decision, Entry, Member, Pool, cluster_entries, first_block_keys, merge_entries
 from simlab.federated.aggregation import EmptyAggregation, aggregate
-from simlab.federated.messages import (from_array_record, pack_histories, records_nbytes, state_nbytes,
-                                       to_array_record)
+from simlab.federated.messages import from_array_record, pack_histories, records_nbytes, state_nbytes, to_array_record
 from simlab.federated.server_app import Federation
 
 log = logging.getLogger("simlab")
@@ -45,6 +45,35 @@ class OdexFederation(Federation):
 
     def histories(self) -> dict[int, list[Entry]]:
         return {m: mem.history for m, mem in self.pool.members.items() if mem.history}
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self, state):
+        meta, arrays = super().snapshot(state)
+        members = []
+        for m, mem in self.pool.members.items():
+            members.append({"id": m, "parent": mem.parent, "born": mem.born, "history": len(mem.history),
+                            "trained_on": list(mem.trained_on.items()), "last_dice": list(mem.last_dice.items())})
+            arrays.update(flat(f"m{m}", mem.state))
+            for i, e in enumerate(mem.history):
+                arrays.update(flat(f"m{m}.h{i}", e.to_arrays()))
+        meta["pool"] = {"members": members, "next_id": self.pool.next_id, "current": self.current,
+                        "last_domain": self.last_domain}
+        return meta, arrays
+
+    def restore(self, meta, arrays, state):
+        state = super().restore(meta, arrays, state)
+        pool = meta["pool"]
+        self.pool.members = {}
+        for info in pool["members"]:
+            m = int(info["id"])
+            history = [Entry.from_arrays(nest(arrays, f"m{m}.h{i}")) for i in range(info["history"])]
+            self.pool.members[m] = Member(m, nest(arrays, f"m{m}"), history, parent=info["parent"], born=info["born"],
+                                          trained_on=Counter(dict(info["trained_on"])),
+                                          last_dice=dict(info["last_dice"]))
+        self.pool.next_id = int(pool["next_id"])
+        self.current = {h: int(m) for h, m in pool["current"].items()}
+        self.last_domain = dict(pool["last_domain"])
+        return state
 
     # ------------------------------------------------------------------ decisions
     def decide(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
@@ -124,7 +153,7 @@ class OdexFederation(Federation):
         query_s = time.perf_counter() - start
         fb = {m: self.first_block(m) for m in self.pool.members}
         content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
-                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
+                                  "config": self.task_config(h, t)}) for h in targets}
         replies, failed = self.train_replies(t, targets, content)
         groups: dict[int, list] = defaultdict(list)
         forks: dict[int, list] = defaultdict(list)

@@ -3,24 +3,35 @@
 A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
 part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
 arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) by
-sending ``evaluate`` to every hospital. The true domain of each window comes from the scenario's drift
-schedule and is used for evaluation and logging only; it is never sent to a hospital.
+sending ``evaluate`` to every hospital → write a checkpoint (:mod:`simlab.checkpoint`). The true
+domain of each window comes from the scenario's drift schedule and is used for evaluation and logging
+only; it is never sent to a hospital.
+
+Resuming (``resume=True``): the arm's checkpoint is loaded, metrics.jsonl and rounds.jsonl are cut
+back to their lengths at that checkpoint, and the run goes on with the next round. An arm with no
+checkpoint starts from the beginning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import secrets
 import time
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
+from simlab.continual.baselines import make_method
 from simlab.data.drift import true_domains
 from simlab.federated.aggregation import EmptyAggregation, aggregate
 from simlab.federated.messages import from_array_record, hospital_part, state_nbytes, to_array_record
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
 from simlab.runlog import RunLog
+from simlab.scenario.loader import to_plain
 from simlab.scenario.schema import Scenario
 from simlab.seeding import derive_seed, rng, seed_everything
 
@@ -49,12 +60,22 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
         if len(nodes) >= n:
             return nodes
         if time.monotonic() > deadline:
-            raise FederationError(f"only {len(nodes)} of {n} hospitals connected within {timeout:.0f} s")
+            raise FederationError(f"only {len(nodes)} of {n} hospitals connected within {timeout:.0f} s "
+                                  f"(federation.connect_timeout_s)")
         time.sleep(0.2)
 
 
+def settings_hash(scenario: Scenario) -> str:
+    """Hash of everything that decides an arm's results (the output section aside)."""
+    plain = to_plain(scenario)
+    plain.pop("output", None)
+    plain.get("data", {}).pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 class Federation:
-    def __init__(self, grid: Grid, scenario: Scenario, runlog: RunLog):
+    def __init__(self, grid: Grid, scenario: Scenario, runlog: RunLog, *, resume: bool = False,
+                 hospital_state_dir: str | None = None):
         self.grid = grid
         self.sc = scenario
         self.log = runlog
@@ -63,6 +84,15 @@ class Federation:
         self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
         self.timeout = scenario.federation.round_timeout_s
         self.bank: dict[str, np.ndarray] = {}
+        self.resume = resume
+        self.ckpt = checkpoint_path(runlog.run_dir, runlog.arm) if scenario.output.checkpoint else None
+        # hospital-side state (EWC, joint) is saved at the hospital when it must survive a restart;
+        # in simulation the server names the directory (every hospital shares this machine)
+        self.saves_state = self.ckpt is not None and make_method(scenario.continual).keeps_state
+        self.hospital_state_dir = hospital_state_dir
+        self.last_trained: dict[str, int] = {}  # hospital → last round whose update reached the server
+        self.run_key = ""
+        self.elapsed = 0.0
 
     # ------------------------------------------------------------------ messaging
     def _send(self, kind: str, targets: list[str], content: dict[str, RecordDict]) -> dict[str, Message]:
@@ -77,8 +107,8 @@ class Federation:
         return dict(sorted(out.items(), key=lambda kv: self.ids.index(kv[0])))
 
     def identify(self) -> None:
-        nodes = wait_for_nodes(self.grid, len(self.ids), self.timeout)
-        ask = RecordDict({"config": ConfigRecord({"hospital-ids": self.ids})})
+        nodes = wait_for_nodes(self.grid, len(self.ids), self.sc.federation.connect_timeout_s)
+        ask = RecordDict({"config": ConfigRecord({"hospital-ids": self.ids, **self.state_config()})})
         msgs = [Message(ask, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         self.node_of: dict[str, int] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
@@ -92,6 +122,22 @@ class Federation:
         missing = [h for h in self.ids if h not in self.node_of]
         if missing:
             raise FederationError(f"no node answered for hospital(s) {', '.join(missing)}")
+
+    def state_config(self, h: str | None = None) -> dict:
+        """Where and under which key a hospital saves its method state, and (per hospital) which
+        round's state continues the run. Empty when nothing has to be saved."""
+        if not self.saves_state:
+            return {}
+        cfg = {"state-key": self.run_key}
+        if self.hospital_state_dir:
+            cfg["state-dir"] = self.hospital_state_dir
+        if h is not None:
+            cfg["state-round"] = self.last_trained.get(h, 0)
+        return cfg
+
+    def task_config(self, h: str, t: int) -> ConfigRecord:
+        """Config of a train message: the round, the hospital's part of the scenario, its state key."""
+        return ConfigRecord({"round": t, "task": self.parts[h], **self.state_config(h)})
 
     # ------------------------------------------------------------------ phases
     def evaluate(self, t: int, state: dict[str, np.ndarray]) -> int:
@@ -126,6 +172,7 @@ class Federation:
                 failed.append(h)
             else:
                 ok[h] = reply
+                self.last_trained[h] = t
         return ok, failed
 
     def sample(self, t: int) -> list[str]:
@@ -160,9 +207,7 @@ class Federation:
             if not self.bank or (freq.frequency_refresh and (t - 1) % freq.frequency_refresh == 0):
                 bank_bytes += self.share_amplitudes(t)
             extra["bank"] = to_array_record(self.bank)
-        content = {h: RecordDict({"arrays": arrays, **extra,
-                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})})
-                   for h in targets}
+        content = {h: RecordDict({"arrays": arrays, **extra, "config": self.task_config(h, t)}) for h in targets}
         replies, failed = self.train_replies(t, targets, content)
         entries, up = [], 0
         for h, reply in replies.items():
@@ -191,24 +236,76 @@ class Federation:
             self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
         return result.model, cost
 
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self, state: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        """What the server needs to continue after round t (subclasses add their own)."""
+        return {"last_trained": self.last_trained}, {**flat("model", state), **flat("bank", self.bank)}
+
+    def restore(self, meta: dict, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.last_trained = {h: int(t) for h, t in meta["last_trained"].items()}
+        self.bank = nest(arrays, "bank")
+        restored = nest(arrays, "model")
+        if list(restored) != list(state) or any(restored[k].shape != v.shape for k, v in state.items()):
+            raise CheckpointError(f"{self.ckpt}: its model does not match the scenario's model")
+        return restored
+
+    def save(self, t: int, state: dict[str, np.ndarray], started: float) -> None:
+        """Checkpoint after round t (t = -1: the arm's start, before any row was written)."""
+        if self.ckpt is None:
+            return
+        meta, arrays = self.snapshot(state) if t >= 0 else ({}, {})
+        meta.update(round=t, arm=self.log.arm, rounds=self.sc.federation.rounds, settings=settings_hash(self.sc),
+                    run_key=self.run_key, elapsed_s=self.elapsed + time.perf_counter() - started,
+                    **self.log.sizes())
+        save_checkpoint(self.ckpt, meta, arrays)
+
+    def load(self, state: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """Resume: (last completed round, state) from the arm's checkpoint; (-1, state) if none."""
+        if self.ckpt is None:
+            raise CheckpointError(f"arm {self.log.arm}: output.checkpoint is off, so there is nothing to resume from")
+        if not self.ckpt.exists():
+            return -1, state
+        meta, arrays = load_checkpoint(self.ckpt)
+        expected = {"arm": self.log.arm, "rounds": self.sc.federation.rounds, "settings": settings_hash(self.sc)}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise CheckpointError(f"{self.ckpt}: written for {key}={meta.get(key)!r}, but this run has "
+                                      f"{key}={value!r}; a run resumes only with the scenario it started with")
+        self.log.rewind(meta["metrics_bytes"], meta["rounds_bytes"])
+        self.run_key, self.elapsed = meta["run_key"], float(meta["elapsed_s"])
+        t = int(meta["round"])
+        if t >= 0:
+            state = self.restore(meta, arrays, state)
+        log.info("arm %s: resuming after round %d (checkpoint %s)", self.log.arm, t, self.ckpt)
+        return t, state
+
+    # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, np.ndarray]:
         sc = self.sc
-        self.identify()
-        log.info("%d hospitals connected and identified", len(self.node_of))
+        started = time.perf_counter()
         seed_everything(derive_seed(sc.seed, "init"))
         model = build_model(sc.model, sc.num_classes)
         state, keys = state_to_numpy(model), trainable_keys(model)
         self.setup_model(model, state)
+        done, state = self.load(state) if self.resume else (-1, state)
+        if done < 0:
+            self.run_key = f"{self.log.arm}-{secrets.token_hex(6)}"  # names this run's saved hospital state
+            self.save(-1, state, started)
+        self.identify()
+        log.info("%d hospitals connected and identified", len(self.node_of))
         eval_at = set(evaluation_rounds(sc))
-        start = time.perf_counter()
-        self.evaluate(0, state)
-        self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True)
-        for t in range(1, sc.federation.rounds + 1):
+        if done < 0:
+            start = time.perf_counter()
+            self.evaluate(0, state)
+            self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True)
+            self.save(0, state, started)
+        for t in range(max(done, 0) + 1, sc.federation.rounds + 1):
             start = time.perf_counter()
             state, cost = self.train_round(t, state, keys)
             if t in eval_at:
                 cost["bytes_down"] += self.evaluate(t, state)
             self.log.round_cost(t, wall_time_s=time.perf_counter() - start, evaluated=t in eval_at, **cost)
+            self.save(t, state, started)
         return state
 
 
@@ -220,12 +317,14 @@ def federation_class(scenario: Scenario) -> type[Federation]:
     return Federation
 
 
-def make_server_app(scenario: Scenario, runlog: RunLog) -> ServerApp:
-    """A ServerApp bound to one resolved arm of a scenario and a run log."""
+def make_server_app(scenario: Scenario, runlog: RunLog, *, resume: bool = False,
+                    hospital_state_dir: str | None = None) -> ServerApp:
+    """A ServerApp bound to one resolved arm of a scenario and a run log. ``resume``: continue from the
+    arm's checkpoint; ``hospital_state_dir``: where hospitals save their method state (simulation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        federation_class(scenario)(grid, scenario, runlog).run()
+        federation_class(scenario)(grid, scenario, runlog, resume=resume, hospital_state_dir=hospital_state_dir).run()
 
     return app

@@ -7,6 +7,7 @@ for forward transfer). A drift ``at: [11]`` means the new domain starts *in* rou
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +150,9 @@ class FederationSpec:
     aggregation: AggregationParams = field(default_factory=AggregationParams)
     round_timeout_s: float = field(default=600.0, metadata={"gt": 0.0,
                                                             "help": "wait at most this long for replies"})
+    connect_timeout_s: float = field(default=300.0, metadata={"gt": 0.0,
+                                                              "help": "at the start, wait at most this long for every "
+                                                                      "hospital's node to connect"})
     min_replies: int = field(default=1, metadata={"ge": 1, "help": "fewer replies: the round is skipped"})
 
 
@@ -204,6 +208,8 @@ class EngineSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     dir: str | None = field(default=None, metadata={"help": "run directory (default runs/<name>-<time>)"})
+    checkpoint: bool = field(default=True, metadata={"help": "write a checkpoint after every round, so that "
+                                                            "`simlab run --resume RUN_DIR` can continue after a crash"})
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,8 @@ class ArmSpec:
     set: dict[str, Any] = field(default_factory=dict,
                                 metadata={"help": "dotted overrides of continual/federation/model/augmentation/engine"})
 
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
 
@@ -279,6 +287,9 @@ class Scenario:
         for i, a in enumerate(self.arms):
             if names.count(a.name) > 1:
                 p.append((f"arms[{i}].name", f"duplicate arm name {a.name!r}"))
+            if not _ARM_NAME.fullmatch(a.name):
+                p.append((f"arms[{i}].name", f"expected letters, digits, '_', '-', '.' or '+' (not first), since it "
+                                             f"names files in the run directory; found {a.name!r}"))
             for key in a.set:
                 if key.split(".")[0] not in ARM_SECTIONS:
                     p.append((f"arms[{i}].set.{key}",
