@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -109,6 +111,34 @@ def test_reduce_activation_rejects_bad_shapes_and_handles_3d():
     out = reduce_activation(a, FeatureSpec(reduction="pooled", pool_size=2))
     assert out.shape == (2, 3 * 8) and out.dtype == torch.float64
     assert out[0, 0].item() == pytest.approx(a[0, 0, :2, :2, :2].double().mean().item())
+
+
+def _exact_population_std(values: list[float]) -> float:
+    """Population std of float64 values: exact rational mean and variance, then one float sqrt."""
+    v = [Fraction(x) for x in values]
+    m = sum(v) / len(v)
+    return math.sqrt(float(sum((x - m) ** 2 for x in v) / len(v)))
+
+
+def test_two_pass_std_matches_torch_std_and_leaves_the_input_alone():
+    g = torch.Generator().manual_seed(3)
+    act = torch.randn(6, 5, 17, 13, generator=g) * torch.linspace(0.01, 30.0, 5).view(1, 5, 1, 1) + 1e3
+    act[0, 0] = 2.5  # a constant channel: std exactly 0
+    flat = act.double().flatten(2)
+    exact = np.array([[_exact_population_std(flat[i, c].tolist()) for c in range(5)] for i in range(6)])
+    for a in (act, act.double()):
+        before = a.clone()
+        out = reduce_activation(a, FeatureSpec())
+        assert out.dtype == torch.float64 and not out.requires_grad
+        assert torch.equal(a, before)  # a float64 input is the working copy: it must not be squared in place
+        assert torch.equal(out[:, :5], flat.mean(2))
+        # std/mean down to 1e-5 here: still within a few ulps of the exact value (torch.std's batched
+        # Welford loop is ~1e-12 off on the smallest channel)
+        np.testing.assert_allclose(out[:, 5:].numpy(), exact, rtol=1e-14)
+        np.testing.assert_allclose(out[:, 5:].numpy(), flat.std(2, correction=0).numpy(), rtol=1e-10)
+        assert out[0, 5].item() == 0.0
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    assert not reduce_activation(x * 2, FeatureSpec()).requires_grad
 
 
 def test_extract_restores_modes_removes_hook_and_keeps_bn_stats():

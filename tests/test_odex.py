@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from simlab.continual.features import FeatureSpec, extract_features
 from simlab.continual.mahalanobis import GaussianStats, ShiftParams
-from simlab.continual.odex import (Entry, OdexParams, Pool, first_block_keys, fit_entry, forks_agree,
-                                   member_scores, member_threshold, merge_entries, window_features)
+from simlab.continual.odex import (Entry, OdexParams, Pool, ScoreCache, _FirstBlock, first_block_keys, fit_entry,
+                                   forks_agree, member_scores, member_threshold, merge_entries, pool_scores,
+                                   window_features)
 from simlab.data import phantom
 from simlab.data.appearance import ScannerParams
 from simlab.models.unet import build_model, state_to_numpy
@@ -130,3 +133,121 @@ def test_history_rules(model, windows):
         from simlab.continual.odex import combine
 
         assert float(combine(s, sp)) == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------ fast scoring, cache
+def reference_scores(model, history, images):
+    """The straightforward computation: each entry's first block loaded with load_state_dict, features
+    from a full forward pass (every module, no early stop), scores under the entry."""
+    rows = []
+    for e in history:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in e.first_block.items()}, strict=False)
+        z = extract_features(model, torch.from_numpy(images), SPEC, batch_size=64)
+        rows.append(e.history_entry().normalized_scores(z, SHIFT))
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def pool_histories(windows):
+    """Three members whose entries have first blocks of differently seeded (random) networks; member 1
+    shares its first entry (and first block) with member 0, as a fork with an inherited history."""
+    a, a2, b = windows
+    keys = first_block_keys(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, torch.zeros(1, 1, 48, 48))
+
+    def entry(seed, images, t):
+        torch.manual_seed(seed)
+        net = build_model(ModelSpec(channels=[16, 32, 64]), 3)
+        fb = {k: v for k, v in state_to_numpy(net).items() if k in keys}
+        return fit_entry(window_features(net, SPEC, images), fb, SHIFT, t)
+
+    e0, e1, e2, e3 = entry(10, a, 1), entry(11, a2, 2), entry(12, b, 2), entry(13, b, 3)
+    same_block = Entry(e1.first_block, e2.stats, e2.calibration, 2)  # another entry of member 0's round 2
+    return {0: [e0, e1, same_block], 1: [e0, e2], 2: [e3]}
+
+
+def test_pool_scores_equal_the_straightforward_computation(pool_histories, windows):
+    torch.manual_seed(99)
+    template = build_model(ModelSpec(channels=[16, 32, 64]), 3)
+    for images in (windows[1], np.concatenate([windows[0], windows[2], windows[1]])):  # 1 and 3 batches
+        fast = pool_scores(template, SPEC, SHIFT, pool_histories, images)
+        assert set(fast) == {0, 1, 2}
+        for m, history in pool_histories.items():
+            np.testing.assert_array_equal(fast[m], reference_scores(copy.deepcopy(template), history, images))
+            np.testing.assert_array_equal(member_scores(template, SPEC, SHIFT, history, images), fast[m])
+    assert template.training  # modes restored
+
+
+def test_cache_hits_give_the_cold_scores(pool_histories, windows):
+    _, a2, b = windows
+    torch.manual_seed(5)
+    cold = pool_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT, pool_histories, a2)
+    cache = ScoreCache()
+    first = pool_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT, pool_histories, a2,
+                        cache=cache)
+    assert cache.hits == 1 and len(cache) > 0  # only member 1's entry shared with member 0
+    # entries re-decoded from transport arrays, a fresh template: all hits, same bits
+    decoded = {m: [Entry.from_arrays(e.to_arrays()) for e in h] for m, h in pool_histories.items()}
+    hits = cache.hits
+    again = pool_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT, decoded, a2.copy(),
+                        cache=cache)
+    assert cache.hits - hits == sum(len(h) for h in decoded.values())
+    for m in cold:
+        np.testing.assert_array_equal(first[m], cold[m])
+        np.testing.assert_array_equal(again[m], cold[m])
+    # other images, other statistics or other shift parameters are misses, not stale values
+    other = pool_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT, pool_histories, b,
+                        cache=cache)
+    np.testing.assert_array_equal(other[2], reference_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3),
+                                                             pool_histories[2], b))
+    e = pool_histories[2][0]
+    moved = Entry(e.first_block, pool_histories[0][0].stats, pool_histories[0][0].calibration, e.round)
+    np.testing.assert_array_equal(member_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT,
+                                                [moved], a2, cache=cache), reference_scores(
+        build_model(ModelSpec(channels=[16, 32, 64]), 3), [moved], a2))
+    root = ShiftParams(distance="root")
+    with pytest.raises(ValueError, match="calibrated with"):  # other parameters miss: the check still runs
+        member_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, root, [e], a2, cache=cache)
+
+
+def test_score_cache_is_bounded_least_recently_used():
+    cache = ScoreCache(max_bytes=3 * 80)
+    for i in range(3):
+        cache.put(("k", i), np.zeros(10))
+    assert cache.get(("k", 0)) is not None  # 0 is now the most recently used
+    cache.put(("k", 3), np.zeros(10))
+    assert cache.get(("k", 1)) is None and cache.get(("k", 0)) is not None and cache.nbytes <= 3 * 80
+    stored = cache.get(("k", 0))
+    with pytest.raises(ValueError):
+        stored[0] = 1.0  # stored values are read-only
+    nothing = ScoreCache(max_bytes=0)
+    nothing.put(("k",), np.zeros(1))
+    assert len(nothing) == 0 and nothing.get(("k",)) is None
+
+
+def test_first_block_runs_alone_only_where_that_is_exact(model, windows):
+    """The first U-Net convolution runs on its own (bitwise equal to the forward pass); a layer whose
+    input comes out of several modules falls back to the forward pass; modes come back per module."""
+    a = windows[0]
+    with _FirstBlock(model, SPEC) as fb:
+        z = fb.features(a, batch_size=20)
+        assert fb._shortcut is model.model[0].conv.unit0.conv
+    np.testing.assert_array_equal(z, extract_features(model, torch.from_numpy(a), SPEC, batch_size=20))
+    deep = FeatureSpec(layer=[n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)][1])
+    model.model[0].train()  # mixed modes
+    with _FirstBlock(model, deep) as fb:
+        z = fb.features(a)
+        assert fb._shortcut is None
+    assert model.model[0].training and not model.model[1].training
+    model.eval()
+    np.testing.assert_array_equal(z, extract_features(model, torch.from_numpy(a), deep))
+
+
+def test_first_block_load_checks_names_and_shapes(model):
+    template = copy.deepcopy(model)
+    with _FirstBlock(template, SPEC) as fb:
+        with pytest.raises(KeyError):
+            fb.load({"no.such.weight": np.zeros(1, np.float32)})
+        with pytest.raises(ValueError, match="shape"):
+            fb.load({"model.0.conv.unit0.conv.bias": np.zeros(3, np.float32)})
+        fb.load({"model.0.conv.unit0.conv.bias": np.arange(16, dtype=np.float32)})
+    np.testing.assert_array_equal(template.model[0].conv.unit0.conv.bias.detach().numpy(), np.arange(16))

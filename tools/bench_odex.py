@@ -3,6 +3,12 @@
 share of round time spent in Mahalanobis scoring (the query phase: histories out, features and
 scores at every hospital, scores back), measured in one run. Target: ODEx <= 1.10 x sequential.
 
+Also printed: the same ratio over training-only rounds (rounds neither arm evaluates), with and
+without ODEx's query phase, and each arm's evaluation share of its round time, estimated as the
+time of its evaluated rounds minus, for each that also trains (all but round 0), the arm's mean
+training-only round. The load average of the machine before and after is printed too: the
+timings mean little on a busy machine.
+
     tools/bench_odex.py [SCENARIO.yaml] [--set key=value ...]
 
 Both arms run through the same simulation engine on identical, pre-generated streams; the ratio
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -42,6 +49,7 @@ def main() -> int:
     p.add_argument("scenario", nargs="?", default=str(root / "scenarios" / "odex_abrupt.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="simlab-bench-odex-") as tmp:
         overrides = args.overrides + ["arms=[{name: odex, set: {continual.method: odex}}, "
                                       "{name: sequential, set: {continual.method: sequential}}]"]
@@ -58,6 +66,23 @@ def main() -> int:
     print(f"final pool size: {train_rounds[-1].get('pool_size')}")
     print(f"ODEx / sequential wall time (rounds) = {inner['odex'] / inner['sequential']:.3f}   (target <= 1.10)")
     print(f"Mahalanobis scoring (query phase) share of ODEx round time = {query / inner['odex']:.3f}")
+    rows = {arm: {r["round"]: r for r in arm_rows} for arm, (_, arm_rows) in results.items()}
+    plain = [t for t in rows["odex"] if t > 0 and t in rows["sequential"]
+             and not rows["odex"][t]["evaluated"] and not rows["sequential"][t]["evaluated"]]
+    if plain:
+        wall = {arm: sum(rows[arm][t]["wall_time_s"] for t in plain) for arm in rows}
+        q = sum(rows["odex"][t].get("query_s", 0.0) for t in plain)
+        print(f"training-only rounds ({len(plain)}): ODEx / sequential = {wall['odex'] / wall['sequential']:.3f}, "
+              f"without the query phase = {(wall['odex'] - q) / wall['sequential']:.3f}")
+        for arm, arm_rows in rows.items():
+            evaluated = [t for t, r in arm_rows.items() if r["evaluated"]]  # round 0 only evaluates
+            est = sum(max(0.0, arm_rows[t]["wall_time_s"] - (wall[arm] / len(plain) if t > 0 else 0.0))
+                      for t in evaluated)
+            print(f"{arm:>10}: evaluation ~ {est:5.1f} s = {est / inner[arm]:.3f} of its round time "
+                  f"({len(evaluated)} evaluated rounds)")
+    load_after = os.getloadavg()
+    print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
+          + "; after: " + ", ".join(f"{x:.2f}" for x in load_after))
     return 0
 
 

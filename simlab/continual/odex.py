@@ -51,10 +51,12 @@ Choices (each a scenario option where a researcher would vary it):
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 import torch
@@ -107,30 +109,119 @@ def first_block_keys(model: torch.nn.Module, spec: FeatureSpec, sample: torch.Te
     return [k for k in model.state_dict() if k.startswith(prefixes)]
 
 
+class _FirstBlock:
+    """A model set up for many first-block feature passes (``with`` block).
+
+    The first block is two small convolutions, so what surrounds a pass dominates its cost unless
+    it is paid once: the feature layer is resolved, the model put in eval mode and the stopping hook
+    registered once per ``with`` block, not once per pass; first-block weights are copied into the existing tensors (:meth:`load`) instead of
+    going through ``load_state_dict`` on the whole model; and when the feature layer's input is the
+    output of one leaf module applied to the model's input as given (the first convolution of a
+    U-Net), each batch runs that module alone (:meth:`_producer`): same module, same input tensor,
+    so the same bits as the forward pass, without the modules the layer input does not depend on
+    (the residual path of the first unit). Otherwise batches run the model's forward pass up to the
+    layer. On exit the hook is removed and every submodule gets back its own train/eval flag.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: FeatureSpec, device: str = "cpu"):
+        self.model, self.spec, self.device = model, spec, device
+        self.layer_name, self.layer = resolve_layer(model, spec)
+        self._out: list[torch.Tensor] = []
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._shortcut: torch.nn.Module | None | bool = False  # False: not looked for yet
+
+    def _grab(self, mod, inp):
+        self._out.append(reduce_activation(inp[0].detach(), self.spec).cpu())
+        raise _Stop
+
+    def __enter__(self) -> Self:
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        self._handle = self.layer.register_forward_pre_hook(self._grab)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        for m, training in self._modes:
+            m.training = training
+
+    def load(self, first_block: dict[str, np.ndarray]) -> None:
+        """Copy first-block weights into the model's parameters / buffers of the same names (what
+        ``load_state_dict(strict=False)`` does for these keys; an unknown name or a shape mismatch
+        raises)."""
+        if self._tensors is None:
+            self._tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        with torch.no_grad():
+            for k, v in first_block.items():
+                if k not in self._tensors:
+                    raise KeyError(f"first-block weight {k!r} is not a parameter or buffer of the model")
+                dst, src = self._tensors[k], torch.as_tensor(v)
+                if dst.shape != src.shape:
+                    raise ValueError(f"first-block weight {k!r} has shape {tuple(src.shape)}, the model's "
+                                     f"{tuple(dst.shape)}")
+                dst.copy_(src)
+
+    def _producer(self, x: torch.Tensor) -> torch.nn.Module | None:
+        """The leaf module whose output *is* the layer's input in a forward pass of ``x`` and whose
+        only input *is* ``x`` itself, if there is one, it has no hooks of its own and running it alone
+        on ``x`` gives the layer's input bit for bit (found once, by a traced forward pass of ``x``
+        with every leaf module's output recorded)."""
+        calls: list[tuple[torch.nn.Module, tuple, object]] = []
+        seen: list[torch.Tensor] = []
+
+        def record(mod, inp, out):
+            calls.append((mod, inp, out))
+
+        def stop(mod, inp):
+            seen.append(inp[0])
+            raise _Stop
+
+        leaves = [m for m in self.model.modules() if m is not self.layer and not list(m.children())]
+        hooks = [m.register_forward_hook(record) for m in leaves]
+        hooks.append(self.layer.register_forward_pre_hook(stop, prepend=True))
+        try:
+            with torch.no_grad():
+                self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+        found = [(m, inp) for m, inp, out in calls if seen and out is seen[0]]
+        if len(found) != 1:
+            return None
+        mod, inp = found[0]
+        if len(inp) != 1 or inp[0] is not x or mod._forward_hooks or mod._forward_pre_hooks:
+            return None
+        with torch.no_grad():
+            same = torch.equal(mod(x), seen[0])  # e.g. nothing changed x in place before the module ran
+        return mod if same else None
+
+    def features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Reduced input of the feature layer for every image [n, d] (float64), batches of
+        ``batch_size`` from the first image on (the batch composition is part of the result's bits)."""
+        self._out = []
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(self.device)
+                if self._shortcut is False:
+                    self._shortcut = self._producer(x[:1])
+                if self._shortcut is not None:
+                    self._out.append(reduce_activation(self._shortcut(x), self.spec).cpu())
+                    continue
+                try:
+                    self.model(x)
+                except _Stop:
+                    pass
+        out, self._out = self._out, []
+        return torch.cat(out).numpy().astype(np.float64)
+
+
 def window_features(model: torch.nn.Module, spec: FeatureSpec, images: np.ndarray, batch_size: int = 64,
                     device: str = "cpu") -> np.ndarray:
     """Reduced input of the feature layer for every image [n, d] (float64); only the first block runs."""
-    _, layer = resolve_layer(model, spec)
-    out: list[torch.Tensor] = []
-
-    def grab(mod, inp):
-        out.append(reduce_activation(inp[0].detach(), spec).cpu())
-        raise _Stop
-
-    was_training = model.training
-    model.eval()
-    handle = layer.register_forward_pre_hook(grab)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                try:
-                    model(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float64)
+    with _FirstBlock(model, spec, device) as fb:
+        return fb.features(images, batch_size)
 
 
 # ------------------------------------------------------------------------------ history entries
@@ -151,16 +242,6 @@ class Entry:
 
     def threshold(self, params: ShiftParams) -> float:
         return self.calibration.threshold(params.threshold_factor)
-
-    def first_block_key(self) -> bytes:
-        """Content hash of the first-block weights (entries of one member and round share it)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for k in sorted(self.first_block):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(self.first_block[k]).tobytes())
-        return h.digest()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {f"fb.{k}": v for k, v in self.first_block.items()}
@@ -198,19 +279,132 @@ def merge_entries(entries: list[Entry]) -> Entry:
 
 
 # ------------------------------------------------------------------------------ scoring (client)
+def _content_key(arrays: dict[str, np.ndarray] | np.ndarray) -> bytes:
+    """SHA-256 of arrays' names, dtypes, shapes and bytes (one array: no name)."""
+    h = hashlib.sha256()
+    items = sorted(arrays.items()) if isinstance(arrays, dict) else [("", arrays)]
+    for k, v in items:
+        a = np.ascontiguousarray(v)
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.data if a.size else b"")
+    return h.digest()
+
+
+class ScoreCache:
+    """Bounded least-recently-used store of what scoring computes from content alone, for a process
+    that scores the same images again and again (a hospital's test sets at every evaluation, in a
+    long-lived simulation worker that may serve several hospitals).
+
+    Two kinds of values, both keyed by content hashes, never by names or rounds:
+
+    - the features of a set of images under a first block: key = (first-block content, image
+      content, how the features are taken: feature spec, layer, model structure (its ``repr``) and
+      parameter dtypes, device, batch size, torch threads and determinism flag);
+    - an entry's normalised scores of those features: key = that feature key, the entry's whole
+      content (first block, statistics, calibration) and the shift parameters.
+
+    A value is stored as the cold computation returned it (same function, same batches), so a hit
+    returns the same bits as a miss, and a process where nothing ever hits (every message a fresh
+    process, as in a deployment) computes exactly what it would without a cache. As everywhere in
+    scoring, an entry's first block must hold every tensor the feature layer's input depends on
+    (what :func:`first_block_keys` gives); the rest of the template does not enter the key.
+
+    The bound is on the bytes of stored arrays (``max_bytes``; 0 stores nothing); the least recently
+    used values go first. Stored arrays are read-only.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._store: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            value = self._store.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._store.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> np.ndarray:
+        value = np.array(value, copy=True)
+        value.setflags(write=False)
+        with self._lock:
+            if key in self._store or value.nbytes > self.max_bytes:
+                return value
+            self._store[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._store.popitem(last=False)
+                self.nbytes -= old.nbytes
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._store.clear()
+            self.nbytes = 0
+
+
+def _setting_key(fb: _FirstBlock, batch_size: int) -> tuple:
+    """Everything besides first block and images that the features' bits depend on."""
+    model = fb.model
+    dtypes = tuple(sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers())}))
+    return (fb.spec, fb.layer_name, hashlib.sha256(repr(model).encode()).digest(), dtypes, str(fb.device),
+            int(batch_size), torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+
+
+def pool_scores(model: torch.nn.Module, spec: FeatureSpec, params: ShiftParams, histories: dict[int, list[Entry]],
+                images: np.ndarray, device: str = "cpu", cache: ScoreCache | None = None,
+                batch_size: int = 64) -> dict[int, np.ndarray]:
+    """:func:`member_scores` of several members at once: member → û [entries, n].
+
+    ``model`` is a template whose first block is overwritten by every entry's; it is set up once
+    (eval mode, hook) for all members, and entries that share a first block (one member's entries of
+    a round; entries a fork inherited) share one feature pass. Features are always taken over the
+    whole of ``images`` in batches of ``batch_size`` from the first image, with or without ``cache``
+    (see :class:`ScoreCache`), so the result is the same bits either way.
+    """
+    out: dict[int, np.ndarray] = {}
+    feats: dict[bytes, np.ndarray] = {}
+    with _FirstBlock(model, spec, device) as fb:
+        if cache is not None:
+            setting, image_key = _setting_key(fb, batch_size), _content_key(images)
+        for m, history in histories.items():
+            rows = []
+            for e in history:
+                fb_key = _content_key(e.first_block)
+                if cache is not None:
+                    score_key = ("scores", setting, image_key, _content_key(e.to_arrays()), params)
+                    u = cache.get(score_key)
+                    if u is not None:
+                        rows.append(u)
+                        continue
+                if fb_key not in feats:
+                    z = cache.get(("features", setting, image_key, fb_key)) if cache is not None else None
+                    if z is None:
+                        fb.load(e.first_block)
+                        z = fb.features(images, batch_size)
+                        if cache is not None:
+                            z = cache.put(("features", setting, image_key, fb_key), z)
+                    feats[fb_key] = z
+                u = e.history_entry().normalized_scores(feats[fb_key], params)
+                rows.append(cache.put(score_key, u) if cache is not None else u)
+            out[m] = np.stack(rows)
+    return out
+
+
 def member_scores(model: torch.nn.Module, spec: FeatureSpec, params: ShiftParams, history: list[Entry],
-                  images: np.ndarray, device: str = "cpu") -> np.ndarray:
+                  images: np.ndarray, device: str = "cpu", cache: ScoreCache | None = None) -> np.ndarray:
     """Per-entry, per-image normalised scores û [entries, n] of ``images`` under one member's history,
-    each entry scored with the features of its own first block."""
-    rows = []
-    cache: dict[bytes, np.ndarray] = {}
-    for e in history:
-        key = e.first_block_key()
-        if key not in cache:
-            model.load_state_dict({k: torch.as_tensor(v) for k, v in e.first_block.items()}, strict=False)
-            cache[key] = window_features(model, spec, images, device=device)
-        rows.append(e.history_entry().normalized_scores(cache[key], params))
-    return np.stack(rows)
+    each entry scored with the features of its own first block (see :func:`pool_scores`)."""
+    return pool_scores(model, spec, params, {0: history}, images, device, cache)[0]
 
 
 def combine(per_entry: np.ndarray, params: ShiftParams) -> np.ndarray:

@@ -8,6 +8,7 @@ SuperNode started with ``--node-config hospital-id=...``).
 from __future__ import annotations
 
 import json
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from flwr.clientapp import ClientApp
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.checkpoint import HospitalStateStore
 from simlab.continual.baselines import make_method
+from simlab.continual.odex import ScoreCache, combine, fit_entry, member_threshold, pool_scores, window_features
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
-from simlab.continual.odex import combine, fit_entry, member_scores, member_threshold, window_features
 from simlab.federated.messages import from_array_record, metrics, to_array_record, unpack_histories
 from simlab.metrics.segmentation import dice_per_class, predict
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
@@ -223,19 +224,38 @@ def _odex_entry(scenario: Scenario, model: torch.nn.Module, window, t: int, devi
     return fit_entry(z, {}, odex.shift, t)
 
 
+# Scores and features of images this process has scored before, by content (test sets at every
+# evaluation; in simulation one long-lived worker process serves several hospitals, which evaluate on the
+# same test sets). A hit returns the bits a cold computation would; a process that lives for one message
+# (a deployment) never hits. 64 MiB holds the features and scores of thousands of (entry, test set) pairs.
+_SCORES = ScoreCache(max_bytes=64 << 20)
+_TEMPLATES: dict[tuple[str, int, str], torch.nn.Module] = {}
+_TEMPLATE_LOCK = threading.Lock()
+
+
+def _scores(scenario: Scenario, histories: dict[int, list], images: np.ndarray, device: str) -> dict[int, np.ndarray]:
+    """ODEx per-entry scores of ``images`` under every member's history (``pool_scores``). The model the
+    entries' first blocks are loaded into is built once per process and architecture, not per message:
+    scoring overwrites every first-block tensor it uses before using it, so what the template held
+    before does not matter (the lock keeps two messages of one process from sharing it at once)."""
+    odex = scenario.continual.odex
+    key = (repr(scenario.model), scenario.num_classes, str(device))
+    with _TEMPLATE_LOCK:
+        if key not in _TEMPLATES:
+            if len(_TEMPLATES) >= 4:
+                _TEMPLATES.pop(next(iter(_TEMPLATES)))
+            _TEMPLATES[key] = build_model(scenario.model, scenario.num_classes).to(device)
+        return pool_scores(_TEMPLATES[key], odex.features, odex.shift, histories, images, device, cache=_SCORES)
+
+
 @app.query("shift")
 def shift_scores(msg: Message, context: Context) -> Message:
     """ODEx query: mean normalised score of this round's window under every entry of every member."""
     cfg = msg.content["config"]
     scenario, stream, _ = _node_task(cfg, context)
     device = _setup(scenario)
-    odex = scenario.continual.odex
-    template = build_model(scenario.model, scenario.num_classes).to(device)
-    window = stream.window(int(cfg["round"]))
-    out = {}
-    for m, history in unpack_histories(msg.content).items():
-        s = member_scores(template, odex.features, odex.shift, history, window.images, device)
-        out[f"s{m}"] = [float(v) for v in s.mean(axis=1)]
+    scores = _scores(scenario, unpack_histories(msg.content), stream.window(int(cfg["round"])).images, device)
+    out = {f"s{m}": [float(v) for v in s.mean(axis=1)] for m, s in scores.items()}
     return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
 
 
@@ -276,12 +296,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _setup(scenario)
     out: dict[str, float] = {}
     pool_ids = [int(m) for m in cfg["members"]] if "members" in cfg else []
+    models: dict[int, torch.nn.Module] = {}  # pool members, built when an image first needs one
+
+    def member(m: int) -> torch.nn.Module:
+        if m not in models:
+            models[m] = _model(scenario, msg.content[f"m{m}"], device)
+        return models[m]
+
     if pool_ids:
-        models = {m: _model(scenario, msg.content[f"m{m}"], device) for m in pool_ids}
         histories = unpack_histories(msg.content)
         oracle = json.loads(str(cfg["oracle"]))
         odex = scenario.continual.odex
-        template = build_model(scenario.model, scenario.num_classes).to(device)
     for domain in scenario.eval_domains:
         images, labels = factory.test_set(domain)
         target = torch.from_numpy(labels.astype(np.int64))
@@ -291,21 +316,22 @@ def evaluate(msg: Message, context: Context) -> Message:
             continue
         scored = [m for m in pool_ids if histories.get(m)]
         if scored:
-            S = np.stack([combine(member_scores(template, odex.features, odex.shift, histories[m], images, device),
-                                  odex.shift) / member_threshold(histories[m], odex.shift) for m in scored], axis=1)
+            per_entry = _scores(scenario, {m: histories[m] for m in scored}, images, device)
+            S = np.stack([combine(per_entry[m], odex.shift) / member_threshold(histories[m], odex.shift)
+                          for m in scored], axis=1)
             routed = np.array(scored)[np.argmin(S, axis=1)]
         else:
             routed = np.full(len(images), pool_ids[0])
         pred = torch.zeros_like(target)
         for m in np.unique(routed):
             sel = routed == m
-            pred[torch.from_numpy(sel)] = predict(models[int(m)], images[sel], scenario.evaluation.batch_size, device)
+            pred[torch.from_numpy(sel)] = predict(member(int(m)), images[sel], scenario.evaluation.batch_size, device)
         _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
         if domain in oracle:  # only for domains some member has trained on
             best = int(oracle[domain])
             pred_o, other = pred.clone(), routed != best  # images routed to the oracle member are done
             if other.any():
-                pred_o[torch.from_numpy(other)] = predict(models[best], images[other], scenario.evaluation.batch_size,
+                pred_o[torch.from_numpy(other)] = predict(member(best), images[other], scenario.evaluation.batch_size,
                                                           device)
             _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, scenario.num_classes))
             out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
