@@ -435,6 +435,15 @@ class Decision:
     ratio: float = math.nan  # best score / threshold (detect mode)
 
 
+def decide(per_member: dict[int, np.ndarray], histories: dict[int, list[Entry]], params: ShiftParams) -> Decision:
+    """Which member a window belongs to: ``per_member`` maps member id → the window's per-entry scores
+    (mean û); the lowest score / threshold wins (ties: lowest id), and a ratio over 1 forks it. The
+    server and the hospitals decide with this one function, from the same numbers."""
+    ratios = {m: float(combine(s, params)) / member_threshold(histories[m], params) for m, s in per_member.items()}
+    best = min(ratios, key=lambda m: (ratios[m], m))
+    return Decision(best, ratios[best] > 1.0, ratios[best])
+
+
 class Pool:
     def __init__(self, params: OdexParams, init_state: dict[str, np.ndarray]):
         self.params = params
@@ -445,14 +454,8 @@ class Pool:
         return len(self.members)
 
     def decide_detect(self, per_member: dict[int, np.ndarray]) -> Decision:
-        """``per_member``: member id → per-entry window scores (mean û). Lowest score/threshold wins."""
-        sp = self.params.shift
-        ratios = {}
-        for m, per_entry in per_member.items():
-            score = float(combine(per_entry, sp))
-            ratios[m] = score / member_threshold(self.members[m].history, sp)
-        best = min(ratios, key=lambda m: (ratios[m], m))
-        return Decision(best, ratios[best] > 1.0, ratios[best])
+        """``per_member``: member id → per-entry window scores (mean û); see :func:`decide`."""
+        return decide(per_member, {m: self.members[m].history for m in per_member}, self.params.shift)
 
     def add_member(self, state: dict[str, np.ndarray], t: int) -> Member:
         """A member with an empty history (first round: a group of hospitals unlike the first)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from flwr.clientapp import ClientApp
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.checkpoint import HospitalStateStore
 from simlab.continual.baselines import make_method
-from simlab.continual.odex import ScoreCache, combine, fit_entry, member_threshold, pool_scores, window_features
+from simlab.continual.odex import (ScoreCache, combine, decide, fit_entry, member_threshold, pool_scores,
+                                   window_features)
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
 from simlab.federated.messages import from_array_record, metrics, to_array_record, unpack_histories
@@ -193,6 +195,9 @@ def _received(msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     scenario, stream, t, device, model = _received(msg, context)
     _injected_failure(context, t)
+    shift = _window_decision(scenario, msg, stream, t, device)
+    if shift is not None and int(shift["member"]) != int(msg.content["config"]["member"]):
+        return Message(RecordDict({"shift": MetricRecord(shift)}), reply_to=msg)  # another member: not trained
     fed = scenario.federation
     train_cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
                             epochs=fed.local_epochs, flip=scenario.augmentation.flip, device=device,
@@ -213,7 +218,23 @@ def train(msg: Message, context: Context) -> Message:
                           "metrics": metrics({**result.metrics, "num-examples": result.metrics["num_examples"]})})
     if entry is not None:
         content["entry"] = to_array_record({k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")})
+    if shift is not None:
+        content["shift"] = MetricRecord(shift)
     return Message(content, reply_to=msg)
+
+
+def _window_decision(scenario: Scenario, msg: Message, stream: HospitalStream, t: int, device: str) -> dict | None:
+    """ODEx, detect mode (the message carries the pool's histories): this round's window's mean
+    normalised score under every entry of every member (``m<id>``), the member :func:`decide` picks
+    (``member``) and the scoring time (``score_s``, for the cost report). None without histories."""
+    histories = unpack_histories(msg.content) if scenario.continual.method == "odex" else {}
+    if not histories:
+        return None
+    start = time.perf_counter()
+    scores = {m: s.mean(axis=1) for m, s in _scores(scenario, histories, stream.window(t).images, device).items()}
+    d = decide(scores, histories, scenario.continual.odex.shift)
+    return {**{f"m{m}": [float(v) for v in s] for m, s in scores.items()}, "member": d.member,
+            "score_s": time.perf_counter() - start}
 
 
 def _odex_entry(scenario: Scenario, model: torch.nn.Module, window, t: int, device: str):
@@ -246,17 +267,6 @@ def _scores(scenario: Scenario, histories: dict[int, list], images: np.ndarray, 
                 _TEMPLATES.pop(next(iter(_TEMPLATES)))
             _TEMPLATES[key] = build_model(scenario.model, scenario.num_classes).to(device)
         return pool_scores(_TEMPLATES[key], odex.features, odex.shift, histories, images, device, cache=_SCORES)
-
-
-@app.query("shift")
-def shift_scores(msg: Message, context: Context) -> Message:
-    """ODEx query: mean normalised score of this round's window under every entry of every member."""
-    cfg = msg.content["config"]
-    scenario, stream, _ = _node_task(cfg, context)
-    device = _setup(scenario)
-    scores = _scores(scenario, unpack_histories(msg.content), stream.window(int(cfg["round"])).images, device)
-    out = {f"s{m}": [float(v) for v in s.mean(axis=1)] for m, s in scores.items()}
-    return Message(RecordDict({"metrics": MetricRecord(out)}), reply_to=msg)
 
 
 @app.query("entry")

@@ -1,10 +1,12 @@
 """The ServerApp side of federated ODEx: a pool of members, per-hospital query → train → aggregate.
 
-A round: (1) every sampled hospital scores its new window against every member's history
-(``query.shift``; only histories and first-block weights travel, not models) — or, for the
-ablations, the server forks at true boundaries (oracle) or on a Dice drop (DiceEx, ``query.dice``);
-(2) each hospital trains its chosen member, or a fork of it, and returns the model and the
-sufficient statistics of its window; (3) per member, the updates are aggregated with the configured
+A round: (1) every sampled hospital scores its new window against every member's history (only
+histories with their first-block weights travel, and the one member the hospital trained last) and
+the member with the lowest score / threshold is chosen — or, for the ablations, the server forks at
+true boundaries (oracle) or on a Dice drop (DiceEx, ``query.dice``); (2) each hospital trains its
+chosen member, or a fork of it, and returns the model and the sufficient statistics of its window.
+Steps (1) and (2) share one ``train`` message unless the window belongs to another member than the
+one sent (:meth:`OdexFederation.train_scored`); (3) per member, the updates are aggregated with the configured
 rule and the window statistics become one new history entry; same-round forks of one parent merge
 when their statistics agree; the pool is capped. Evaluation sends the whole pool and routes every
 test image to its closest member. Rows written: pool_size (hospital 'server'), member and
@@ -103,25 +105,7 @@ class OdexFederation(Federation):
                 self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
             down = len(targets) * state_nbytes(self.pool.members[0].state)
             return out, down, 0
-        hist = self.histories()
-        if not hist:
-            return self.initial_members(t, targets)
-        records = pack_histories(hist)
-        content = {h: RecordDict({**records, "config": ConfigRecord({"round": t, "task": self.parts[h]})})
-                   for h in targets}
-        replies = self._send(f"{MessageType.QUERY}.shift", targets, content)
-        out = {}
-        for h in targets:
-            reply = replies.get(h)
-            if reply is None or reply.has_error():
-                reason = "no reply" if reply is None else reply.error.reason
-                log.warning("round %d: %s could not score its window: %s", t, h, reason)
-                out[h] = Decision(self.current[h], False)
-                continue
-            per_member = {int(k[1:]): np.asarray(v, dtype=np.float64) for k, v in reply.content["metrics"].items()}
-            out[h] = self.pool.decide_detect(per_member)
-            self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", out[h].ratio)
-        return out, len(targets) * records_nbytes(records), 0
+        return self.initial_members(t, targets)  # detect mode, first round: no history yet
 
     def initial_members(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
         """First round: nothing to score against yet. Hospitals send the statistics of their first
@@ -148,18 +132,24 @@ class OdexFederation(Federation):
     def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         targets = self.sample(t)
-        start = time.perf_counter()
-        decisions, q_down, q_up = self.decide(t, targets)
-        query_s = time.perf_counter() - start
+        hist = self.histories() if self.params.expansion == "detect" else {}
+        if hist:
+            decisions, replies, failed, down, timing = self.train_scored(t, targets, hist)
+            up = 0
+        else:  # oracle / DiceEx expansion, or the first round
+            start = time.perf_counter()
+            decisions, q_down, up = self.decide(t, targets)
+            timing = {"query_s": time.perf_counter() - start}
+            content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
+                                      "config": self.task_config(h, t)}) for h in targets}
+            replies, failed = self.train_replies(t, targets, content)
+            down = q_down + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in targets)
         fb = {m: self.first_block(m) for m in self.pool.members}
-        content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
-                                  "config": self.task_config(h, t)}) for h in targets}
-        replies, failed = self.train_replies(t, targets, content)
         groups: dict[int, list] = defaultdict(list)
         forks: dict[int, list] = defaultdict(list)
-        up = q_up
         for h, reply in replies.items():
             d = decisions[h]
+            self.last_trained[h] = t
             model = from_array_record(reply.content["arrays"], like=state)
             arrays = from_array_record(reply.content["entry"])
             entry = Entry.from_arrays({**{f"fb.{k}": v for k, v in fb[d.member].items()}, **arrays})
@@ -168,8 +158,7 @@ class OdexFederation(Federation):
             item = (h, model, int(reply.content["metrics"]["num-examples"]), entry)
             (forks if d.fork else groups)[d.member].append(item)
         n_ok = sum(len(v) for v in groups.values()) + sum(len(v) for v in forks.values())
-        cost = {"sent": targets, "failed": failed, "query_s": query_s, "bytes_down": q_down + sum(
-            state_nbytes(self.pool.members[decisions[h].member].state) for h in targets), "bytes_up": up}
+        cost = {"sent": targets, "failed": failed, **timing, "bytes_down": down, "bytes_up": up}
         if n_ok < fed.min_replies:
             log.warning("round %d skipped: %d replies < min_replies %d", t, n_ok, fed.min_replies)
             cost["skipped"] = True
@@ -180,6 +169,41 @@ class OdexFederation(Federation):
         self.log.metric(t, "server", None, "pool_size", len(self.pool))
         cost["pool_size"] = len(self.pool)
         return state, cost
+
+    def train_scored(self, t: int, targets: list[str], hist: dict[int, list[Entry]]):
+        """Detect mode, one message per hospital and round in the common case: the ``train`` message
+        carries every member's history (no models) and the member the hospital trained last. The
+        hospital scores its window under every history, decides as the server does (:func:`decide`)
+        and, when that member is the one to train or to fork, trains it at once, returning its window
+        scores with the update. A hospital whose window belongs to another member returns only its
+        scores and gets a second ``train`` message with that member. The server always takes the
+        decision from the returned scores itself. Returns (decisions, replies, failed, bytes down,
+        timing), timing ``score_s`` being the longest scoring time at a hospital."""
+        records = pack_histories(hist)
+
+        def content(h: str, m: int, with_histories: bool) -> RecordDict:
+            return RecordDict({"arrays": to_array_record(self.pool.members[m].state), **(records if with_histories else {}),
+                               "config": ConfigRecord({**self.task_config(h, t), "member": m})})
+
+        first, failed = self.train_replies(t, targets, {h: content(h, self.current[h], True) for h in targets})
+        decisions, score_s = {}, 0.0
+        for h, reply in first.items():
+            shift = reply.content["shift"]
+            decisions[h] = self.pool.decide_detect({int(k[1:]): np.asarray(v, dtype=np.float64)
+                                                    for k, v in shift.items() if k[0] == "m" and k[1:].isdigit()})
+            score_s = max(score_s, float(shift["score_s"]))
+            self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", decisions[h].ratio)
+        again = [h for h, d in decisions.items() if d.member != self.current[h] or "arrays" not in first[h].content]
+        replies = {h: r for h, r in first.items() if h not in again}
+        if again:
+            second, failed2 = self.train_replies(t, again, {h: content(h, decisions[h].member, False) for h in again})
+            replies.update(second)
+            failed = sorted(failed + failed2, key=self.ids.index)
+        down = (len(targets) * records_nbytes(records)
+                + sum(state_nbytes(self.pool.members[self.current[h]].state) for h in targets)
+                + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in again))
+        return decisions, dict(sorted(replies.items(), key=lambda kv: self.ids.index(kv[0]))), failed, down, \
+            {"score_s": score_s}
 
     def _aggregate(self, t: int, items: list, keys: set[str], reference) -> dict[str, np.ndarray] | None:
         try:

@@ -172,7 +172,6 @@ class Federation:
                 failed.append(h)
             else:
                 ok[h] = reply
-                self.last_trained[h] = t
         return ok, failed
 
     def sample(self, t: int) -> list[str]:
@@ -213,6 +212,7 @@ class Federation:
         for h, reply in replies.items():
             model = from_array_record(reply.content["arrays"], like=state)
             m = reply.content["metrics"]
+            self.last_trained[h] = t
             up += state_nbytes(model)
             self.log.metric(t, h, self.domains[h][t - 1], "train_loss", m["train_loss"])
             entries.append((h, model, int(m["num-examples"])))
