@@ -124,7 +124,10 @@ def test_odex_pool_survives_a_checkpoint_exactly(tmp_path):
     fed = _odex_federation(tmp_path, text)
     rng = np.random.default_rng(1)
     fb = {k: fed.pool.members[0].state[k] for k in fed.fb_keys}
-    entry = lambda t: fit_entry(rng.standard_normal((24, 16)) + t, fb, fed.params.shift, t)  # noqa: E731
+
+    def entry(t: int):
+        return fit_entry(rng.standard_normal((24, 16)) + t, fb, fed.params.shift, t)
+
     fed.pool.members[0].history += [entry(1), entry(2)]
     fed.pool.members[0].trained_on.update({"A": 2})
     fork = fed.pool.add_fork(0, {k: v + 1 for k, v in fed.pool.members[0].state.items()}, entry(3), 3)

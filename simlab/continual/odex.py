@@ -114,8 +114,8 @@ class _FirstBlock:
 
     The first block is two small convolutions, so what surrounds a pass dominates its cost unless
     it is paid once: the feature layer is resolved, the model put in eval mode and the stopping hook
-    registered once per ``with`` block, not once per pass; first-block weights are copied into the existing tensors (:meth:`load`) instead of
-    going through ``load_state_dict`` on the whole model; and when the feature layer's input is the
+    registered once per ``with`` block, not once per pass; first-block weights are copied into the
+    existing tensors (:meth:`load`) instead of going through ``load_state_dict`` on the whole model; and when the feature layer's input is the
     output of one leaf module applied to the model's input as given (the first convolution of a
     U-Net), each batch runs that module alone (:meth:`_producer`): same module, same input tensor,
     so the same bits as the forward pass, without the modules the layer input does not depend on

@@ -765,9 +765,10 @@ def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[st
              online_timeout: float = 60.0) -> Deployment:
     """SuperLink (TLS + node auth with a PKI) and one registered SuperNode per hospital, all online.
 
-    Each SuperNode's node config is ``hospital-id=<id>``, ``state-dir=<state>/hospital-state/<id>`` (where
-    the hospital saves method state that must survive a server restart) and, with ``data_dir``,
-    ``data-dir=<data_dir>/<id>`` (created); ``node_config[<id>]`` adds or replaces keys. Keys missing from the PKI are created.
+    Each SuperNode's node config is ``hospital-id=<id>``, ``state-dir=<state>/hospital-state/<id>``
+    (where the hospital saves method state that must survive a server restart) and, with ``data_dir``,
+    ``data-dir=<data_dir>/<id>`` (created); ``node_config[<id>]`` adds or replaces keys. Keys missing
+    from the PKI are created.
     ``state`` is a state directory or a :class:`Deployment` on one. On any failure every process started
     so far is stopped before the error is raised.
     """
@@ -809,9 +810,10 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
     the run directory as ``simlab run`` does. Must run on the SuperLink's machine: the ServerApp writes
     into the run directory and reads the scenario file by the absolute paths given in the run config.
 
-    ``resume_dir``: continue that run after its ServerApp died (``simlab run --resume``); the scenario
-    (``scenario`` is ignored), overrides and seed come from its run.json, completed arms are kept, the others continue from their
-    checkpoints, and Flower runs of this run directory still marked running are stopped first.
+    ``resume_dir``: continue that run after its ServerApp died (``simlab run --resume``): the scenario
+    path (``scenario`` is ignored), overrides and seed come from its run.json, completed arms are kept,
+    the others continue from their checkpoints, and Flower runs of this run directory still marked
+    running are stopped first.
 
     A run that ends other than ``finished:completed`` stops everything: ``FAILED`` is written into the
     run directory with the status details, and :class:`DeploymentError` carries the tail of its log.
@@ -821,7 +823,7 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
 
     if resume_dir is not None:
         run_dir, _, info = resume_inputs(resume_dir)
-        path, overrides, seed = Path(info["scenario"]), list(info["overrides"]), info["seed"]
+        scenario, overrides, seed = info["scenario"], info["overrides"], info["seed"]
         (run_dir / "FAILED").unlink(missing_ok=True)
         for run_id in info.get("flower_runs", {}).values():
             try:
@@ -830,7 +832,7 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
                 stale = False
             if stale:
                 dep.flwr("stop", str(run_id), CONNECTION, check=False)
-    path = Path(scenario).resolve() if resume_dir is None else path
+    path = Path(scenario).resolve()
     overrides = list(overrides or [])
     loaded = load_scenario(path, overrides, seed, out)
     server_overrides = overrides + ([f"seed={seed}"] if seed is not None else [])

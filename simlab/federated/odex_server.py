@@ -182,7 +182,8 @@ class OdexFederation(Federation):
         records = pack_histories(hist)
 
         def content(h: str, m: int, with_histories: bool) -> RecordDict:
-            return RecordDict({"arrays": to_array_record(self.pool.members[m].state), **(records if with_histories else {}),
+            return RecordDict({"arrays": to_array_record(self.pool.members[m].state),
+                               **(records if with_histories else {}),
                                "config": ConfigRecord({**self.task_config(h, t), "member": m})})
 
         first, failed = self.train_replies(t, targets, {h: content(h, self.current[h], True) for h in targets})
@@ -202,8 +203,8 @@ class OdexFederation(Federation):
         down = (len(targets) * records_nbytes(records)
                 + sum(state_nbytes(self.pool.members[self.current[h]].state) for h in targets)
                 + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in again))
-        return decisions, dict(sorted(replies.items(), key=lambda kv: self.ids.index(kv[0]))), failed, down, \
-            {"score_s": score_s}
+        replies = dict(sorted(replies.items(), key=lambda kv: self.ids.index(kv[0])))
+        return decisions, replies, failed, down, {"score_s": score_s}
 
     def _aggregate(self, t: int, items: list, keys: set[str], reference) -> dict[str, np.ndarray] | None:
         try:
