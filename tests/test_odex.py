@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from simlab.continual.features import FeatureSpec, extract_features
+from simlab.continual.features import FeatureSpec, extract_features, reduce_activation
 from simlab.continual.mahalanobis import GaussianStats, ShiftParams
-from simlab.continual.odex import (Entry, OdexParams, Pool, ScoreCache, _FirstBlock, first_block_keys, fit_entry,
-                                   forks_agree, member_scores, member_threshold, merge_entries, pool_scores,
-                                   window_features)
+from simlab.continual.odex import (Entry, OdexParams, Pool, ScoreCache, _FirstBlock, _linear_response, conv_features,
+                                   first_block_keys, fit_entry, forks_agree, member_scores, member_threshold,
+                                   merge_entries, patch_moments, pool_scores, window_features)
 from simlab.data import phantom
 from simlab.data.appearance import ScannerParams
 from simlab.models.unet import build_model, state_to_numpy
@@ -138,13 +138,19 @@ def test_history_rules(model, windows):
 # ------------------------------------------------------------------------------ fast scoring, cache
 def reference_scores(model, history, images):
     """The straightforward computation: each entry's first block loaded with load_state_dict, features
-    from a full forward pass (every module, no early stop), scores under the entry."""
+    from a full forward pass (every module, no early stop) in float64, scores under the entry."""
+    model = copy.deepcopy(model).double()
     rows = []
     for e in history:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in e.first_block.items()}, strict=False)
-        z = extract_features(model, torch.from_numpy(images), SPEC, batch_size=64)
+        z = extract_features(model, torch.from_numpy(images).double(), SPEC, batch_size=64)
         rows.append(e.history_entry().normalized_scores(z, SHIFT))
     return np.stack(rows)
+
+
+def assert_scores_close(actual, reference):
+    """Scores from patch moments against the float64 forward pass: equal up to float64 rounding."""
+    np.testing.assert_allclose(actual, reference, rtol=1e-9, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +178,7 @@ def test_pool_scores_equal_the_straightforward_computation(pool_histories, windo
         fast = pool_scores(template, SPEC, SHIFT, pool_histories, images)
         assert set(fast) == {0, 1, 2}
         for m, history in pool_histories.items():
-            np.testing.assert_array_equal(fast[m], reference_scores(copy.deepcopy(template), history, images))
+            assert_scores_close(fast[m], reference_scores(template, history, images))
             np.testing.assert_array_equal(member_scores(template, SPEC, SHIFT, history, images), fast[m])
     assert template.training  # modes restored
 
@@ -197,12 +203,12 @@ def test_cache_hits_give_the_cold_scores(pool_histories, windows):
     # other images, other statistics or other shift parameters are misses, not stale values
     other = pool_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT, pool_histories, b,
                         cache=cache)
-    np.testing.assert_array_equal(other[2], reference_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3),
-                                                             pool_histories[2], b))
+    assert_scores_close(other[2], reference_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3),
+                                                   pool_histories[2], b))
     e = pool_histories[2][0]
     moved = Entry(e.first_block, pool_histories[0][0].stats, pool_histories[0][0].calibration, e.round)
-    np.testing.assert_array_equal(member_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT,
-                                                [moved], a2, cache=cache), reference_scores(
+    assert_scores_close(member_scores(build_model(ModelSpec(channels=[16, 32, 64]), 3), SPEC, SHIFT,
+                                      [moved], a2, cache=cache), reference_scores(
         build_model(ModelSpec(channels=[16, 32, 64]), 3), [moved], a2))
     root = ShiftParams(distance="root")
     with pytest.raises(ValueError, match="calibrated with"):  # other parameters miss: the check still runs
@@ -225,13 +231,25 @@ def test_score_cache_is_bounded_least_recently_used():
 
 
 def test_first_block_runs_alone_only_where_that_is_exact(model, windows):
-    """The first U-Net convolution runs on its own (bitwise equal to the forward pass); a layer whose
+    """The first U-Net convolution is found as the feature layer's only producer, and its features come
+    from patch moments: the float64 forward pass's up to rounding, the float32 one's to ~1e-6; the
+    pooled reduction runs that convolution alone (bitwise equal to the forward pass); a layer whose
     input comes out of several modules falls back to the forward pass; modes come back per module."""
     a = windows[0]
     with _FirstBlock(model, SPEC) as fb:
         z = fb.features(a, batch_size=20)
         assert fb._shortcut is model.model[0].conv.unit0.conv
-    np.testing.assert_array_equal(z, extract_features(model, torch.from_numpy(a), SPEC, batch_size=20))
+        assert fb._moments is not None and len(fb._moments[2]) == 3  # 48 images in batches of 20
+        np.testing.assert_array_equal(fb.features(a, batch_size=20), z)  # from the moments it holds
+    double = copy.deepcopy(model).double()
+    np.testing.assert_allclose(z, extract_features(double, torch.from_numpy(a).double(), SPEC, batch_size=20),
+                               rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(z, extract_features(model, torch.from_numpy(a), SPEC), rtol=1e-5, atol=1e-6)
+    pooled = FeatureSpec(reduction="pooled", pool_size=2)
+    with _FirstBlock(model, pooled) as fb:
+        zp = fb.features(a, batch_size=20)
+        assert fb._shortcut is model.model[0].conv.unit0.conv and fb._moments is None
+    np.testing.assert_array_equal(zp, extract_features(model, torch.from_numpy(a), pooled, batch_size=20))
     deep = FeatureSpec(layer=[n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)][1])
     model.model[0].train()  # mixed modes
     with _FirstBlock(model, deep) as fb:
@@ -240,6 +258,33 @@ def test_first_block_runs_alone_only_where_that_is_exact(model, windows):
     assert model.model[0].training and not model.model[1].training
     model.eval()
     np.testing.assert_array_equal(z, extract_features(model, torch.from_numpy(a), deep))
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2, bias=False),
+                                    dict(stride=(1, 2), padding=(0, 1), kernel_size=(3, 5))])
+def test_features_from_patch_moments_equal_the_convolution_response(kwargs):
+    """Mean and std of a convolution's response from the mean and covariance of its patches, for
+    several input channels, strides, dilations, paddings, kernel shapes, with and without bias."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 8, **{"kernel_size": 3, **kwargs}).double()
+    x = torch.rand(5, 3, 17, 20, dtype=torch.float64) * torch.linspace(0.5, 2.0, 20, dtype=torch.float64)
+    mu, cov = patch_moments(conv, x)
+    assert mu.shape == (5, 3 * conv.kernel_size[0] * conv.kernel_size[1]) and cov.shape == mu.shape + mu.shape[1:]
+    with torch.no_grad():
+        response = conv(x)
+    for spec in (FeatureSpec(reduction="mean_std"), FeatureSpec(reduction="mean")):
+        np.testing.assert_allclose(conv_features(conv, mu, cov, spec).numpy(),
+                                   reduce_activation(response, spec).numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_only_plain_convolutions_take_the_moment_path():
+    assert _linear_response(torch.nn.Conv2d(1, 4, 3, padding=1), FeatureSpec())
+    assert _linear_response(torch.nn.Conv2d(1, 4, 3, padding=1), FeatureSpec(reduction="mean"))
+    assert not _linear_response(torch.nn.Conv2d(1, 4, 3, padding=1), FeatureSpec(reduction="pooled"))
+    assert not _linear_response(torch.nn.Conv2d(2, 4, 3, groups=2), FeatureSpec())
+    assert not _linear_response(torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), FeatureSpec())
+    assert not _linear_response(torch.nn.Conv2d(1, 4, 3, padding="same"), FeatureSpec())
+    assert not _linear_response(torch.nn.Conv3d(1, 4, 3), FeatureSpec())
 
 
 def test_first_block_load_checks_names_and_shapes(model):

@@ -32,8 +32,10 @@ Choices
   Reductions are computed in float64 on a detached copy of the activation.  The standard
   deviation is computed in two passes, sqrt(mean((a - mean)^2)), with vectorised sums: it
   agrees with ``torch.std`` (a one-pass Welford loop) to about 1e-15 relative and is about
-  ten times faster, which matters because ODEx reduces one activation per image and
-  history entry.
+  ten times faster.  ODEx's scoring (``simlab.continual.odex``) does not reduce activations
+  when the layer's input is a plain convolution of the image: it takes ``mean`` and
+  ``mean_std`` from the moments of the convolution's input patches instead (same values,
+  computed without running the convolution once per history entry).
 * **Modes.**  :func:`extract_features` runs the model in eval mode under ``torch.no_grad``
   and restores the previous train/eval flag of every submodule afterwards.
   :func:`capture_features` is a context manager that records the features of whatever

@@ -54,19 +54,38 @@ def metrics(values: dict[str, float]) -> MetricRecord:
 
 
 def pack_histories(histories: dict[int, list]) -> dict[str, ArrayRecord]:
-    """ODEx member histories as records ``h<member>.<index>`` (entries carry their first block)."""
-    return {f"h{m}.{i}": to_array_record(e.to_arrays()) for m, entries in histories.items()
-            for i, e in enumerate(entries)}
+    """ODEx member histories (entries carry their first block) as few records: entries whose arrays
+    have the same names, shapes and dtypes (normally all of them) go into one record ``hist.<j>``
+    holding each array stacked over the entries, with ``member`` and ``index`` (position in the
+    member's history). A record costs per array, not per byte, when it is built and read, so this
+    stays cheap while histories grow to hundreds of entries."""
+    groups: dict[tuple, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
+    for m, entries in histories.items():
+        for i, e in enumerate(entries):
+            arrays = e.to_arrays()
+            signature = tuple((k, v.shape, v.dtype.str) for k, v in arrays.items())
+            groups.setdefault(signature, []).append((m, i, arrays))
+    out = {}
+    for j, group in enumerate(groups.values()):
+        stacked = {k: np.stack([arrays[k] for *_, arrays in group]) for k in group[0][2]}
+        stacked["member"] = np.array([m for m, *_ in group], dtype=np.int64)
+        stacked["index"] = np.array([i for _, i, _ in group], dtype=np.int64)
+        out[f"hist.{j}"] = to_array_record(stacked)
+    return out
 
 
 def unpack_histories(content) -> dict[int, list]:
+    """The histories :func:`pack_histories` packed, member → entries in history order."""
     from simlab.continual.odex import Entry
 
     found: dict[int, dict[int, object]] = {}
     for key, record in content.array_records.items():
-        if key.startswith("h") and "." in key and key[1:].split(".")[0].isdigit():
-            m, i = (int(x) for x in key[1:].split("."))
-            found.setdefault(m, {})[i] = Entry.from_arrays(from_array_record(record))
+        if not key.startswith("hist."):
+            continue
+        arrays = from_array_record(record)
+        members, index = arrays.pop("member"), arrays.pop("index")
+        for j, (m, i) in enumerate(zip(members.tolist(), index.tolist())):
+            found.setdefault(m, {})[i] = Entry.from_arrays({k: v[j] for k, v in arrays.items()})
     return {m: [entries[i] for i in sorted(entries)] for m, entries in sorted(found.items())}
 
 
