@@ -295,6 +295,23 @@ def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
             out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())
 
 
+def _routes(scenario: Scenario, histories: dict[int, list], pool_ids: list[int],
+            tests: dict[str, tuple[np.ndarray, np.ndarray]], device: str) -> dict[str, np.ndarray]:
+    """ODEx routing of every test image: the member with the lowest score / threshold. All test sets
+    are scored in one pass (one set-up and one set of patch moments for every history entry)."""
+    scored = [m for m in pool_ids if histories.get(m)]
+    if not scored:
+        return {domain: np.full(len(images), pool_ids[0]) for domain, (images, _) in tests.items()}
+    shift = scenario.continual.odex.shift
+    sizes = [len(images) for images, _ in tests.values()]
+    all_images = np.concatenate([images for images, _ in tests.values()])
+    per_entry = _scores(scenario, {m: histories[m] for m in scored}, all_images, device)
+    S = np.stack([combine(per_entry[m], shift) / member_threshold(histories[m], shift) for m in scored], axis=1)
+    routed = np.array(scored)[np.argmin(S, axis=1)]
+    bounds = np.cumsum([0] + sizes)
+    return {domain: routed[a:b] for domain, a, b in zip(tests, bounds[:-1], bounds[1:])}
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Dice of the deployed model on every domain's test set. With an ODEx pool: each image is routed
@@ -313,25 +330,18 @@ def evaluate(msg: Message, context: Context) -> Message:
             models[m] = _model(scenario, msg.content[f"m{m}"], device)
         return models[m]
 
+    tests = {domain: factory.test_set(domain) for domain in scenario.eval_domains}
+    deployed = None if pool_ids else _model(scenario, msg.content["arrays"], device)
     if pool_ids:
-        histories = unpack_histories(msg.content)
+        routes = _routes(scenario, unpack_histories(msg.content), pool_ids, tests, device)
         oracle = json.loads(str(cfg["oracle"]))
-        odex = scenario.continual.odex
-    for domain in scenario.eval_domains:
-        images, labels = factory.test_set(domain)
+    for domain, (images, labels) in tests.items():
         target = torch.from_numpy(labels.astype(np.int64))
         if not pool_ids:
-            pred = predict(_model(scenario, msg.content["arrays"], device), images, scenario.evaluation.batch_size, device)
+            pred = predict(deployed, images, scenario.evaluation.batch_size, device)
             _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
             continue
-        scored = [m for m in pool_ids if histories.get(m)]
-        if scored:
-            per_entry = _scores(scenario, {m: histories[m] for m in scored}, images, device)
-            S = np.stack([combine(per_entry[m], odex.shift) / member_threshold(histories[m], odex.shift)
-                          for m in scored], axis=1)
-            routed = np.array(scored)[np.argmin(S, axis=1)]
-        else:
-            routed = np.full(len(images), pool_ids[0])
+        routed = routes[domain]
         pred = torch.zeros_like(target)
         for m in np.unique(routed):
             sel = routed == m
