@@ -269,15 +269,6 @@ def _scores(scenario: Scenario, histories: dict[int, list], images: np.ndarray, 
         return pool_scores(_TEMPLATES[key], odex.features, odex.shift, histories, images, device, cache=_SCORES)
 
 
-@app.query("entry")
-def window_entry(msg: Message, context: Context) -> Message:
-    """ODEx, first round: statistics of this round's window under the received model's first block."""
-    scenario, stream, t, device, model = _received(msg, context)
-    entry = _odex_entry(scenario, model, stream.window(t), t, device)
-    arrays = {k: v for k, v in entry.to_arrays().items() if not k.startswith("fb.")}
-    return Message(RecordDict({"entry": to_array_record(arrays)}), reply_to=msg)
-
-
 @app.query("dice")
 def window_dice(msg: Message, context: Context) -> Message:
     """DiceEx query: Dice of the received member on this round's labelled window, before training."""

@@ -6,7 +6,9 @@ the member with the lowest score / threshold is chosen — or, for the ablations
 true boundaries (oracle) or on a Dice drop (DiceEx, ``query.dice``); (2) each hospital trains its
 chosen member, or a fork of it, and returns the model and the sufficient statistics of its window.
 Steps (1) and (2) share one ``train`` message unless the window belongs to another member than the
-one sent (:meth:`OdexFederation.train_scored`); (3) per member, the updates are aggregated with the configured
+one sent (:meth:`OdexFederation.train_scored`); in the first round, with no history yet, every
+hospital trains the initial model and the server groups the returned window statistics into the
+first members (:meth:`OdexFederation.first_round`); (3) per member, the updates are aggregated with the configured
 rule and the window statistics become one new history entry; same-round forks of one parent merge
 when their statistics agree; the pool is capped. Evaluation sends the whole pool and routes every
 test image to its closest member. Rows written: pool_size (hospital 'server'), member and
@@ -105,38 +107,40 @@ class OdexFederation(Federation):
                 self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
             down = len(targets) * state_nbytes(self.pool.members[0].state)
             return out, down, 0
-        return self.initial_members(t, targets)  # detect mode, first round: no history yet
+        raise ValueError(f"no server-side decision for expansion {mode!r}")
 
-    def initial_members(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
-        """First round: nothing to score against yet. Hospitals send the statistics of their first
-        window (``query.entry``); hospitals whose windows agree share the initial member, every
-        other group starts its own copy of the initial model. Not counted as forks."""
+    def first_round(self, t: int, targets: list[str]):
+        """Detect mode, first round: nothing to score against yet. Every hospital trains the initial
+        model and, as in every round, returns the statistics of its window under the model it
+        received. Hospitals whose windows agree share the initial member; every other group becomes a
+        member of its own, started from the same initial model (not counted as forks). Training a copy
+        of the initial model is training the initial model, so no message is needed before training.
+        Returns (decisions, replies, failed, bytes down, timing) like :meth:`train_scored`."""
         state = self.pool.members[0].state
-        content = {h: RecordDict({"arrays": to_array_record(state),
-                                  "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
-        replies = self._send(f"{MessageType.QUERY}.entry", targets, content)
-        ok = [h for h in targets if h in replies and not replies[h].has_error()]
-        fb = self.first_block(0)
-        entries = [Entry.from_arrays({**{f"fb.{k}": v for k, v in fb.items()},
-                                      **from_array_record(replies[h].content["entry"])}) for h in ok]
-        out = {h: Decision(0, False) for h in targets}
+        content = {h: RecordDict({"arrays": to_array_record(state), "config": self.task_config(h, t)})
+                   for h in targets}
+        replies, failed = self.train_replies(t, targets, content)
+        ok = list(replies)
+        fb = {f"fb.{k}": v for k, v in self.first_block(0).items()}
+        entries = [Entry.from_arrays({**fb, **from_array_record(replies[h].content["entry"])}) for h in ok]
+        decisions = {h: Decision(0, False) for h in ok}
         for i, group in enumerate(cluster_entries(entries, self.params.shift)):
             if i > 0 and len(self.pool) < self.params.max_members:
                 member = self.pool.add_member({k: v.copy() for k, v in state.items()}, t)
                 for j in group:
-                    out[ok[j]] = Decision(member.id, False)
-        up = sum(sum(v.numpy().nbytes for v in replies[h].content["entry"].values()) for h in ok)
-        return out, len(targets) * state_nbytes(state), up
+                    decisions[ok[j]] = Decision(member.id, False)
+        return decisions, replies, failed, len(targets) * state_nbytes(state), {}
 
     # ------------------------------------------------------------------ a round
     def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         targets = self.sample(t)
         hist = self.histories() if self.params.expansion == "detect" else {}
-        if hist:
-            decisions, replies, failed, down, timing = self.train_scored(t, targets, hist)
+        if self.params.expansion == "detect":
+            decisions, replies, failed, down, timing = (self.train_scored(t, targets, hist) if hist
+                                                        else self.first_round(t, targets))
             up = 0
-        else:  # oracle / DiceEx expansion, or the first round
+        else:  # oracle / DiceEx expansion
             start = time.perf_counter()
             decisions, q_down, up = self.decide(t, targets)
             timing = {"query_s": time.perf_counter() - start}
