@@ -289,7 +289,7 @@ def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
 def _routes(scenario: Scenario, histories: dict[int, list], pool_ids: list[int],
             tests: dict[str, tuple[np.ndarray, np.ndarray]], device: str) -> dict[str, np.ndarray]:
     """ODEx routing of every test image: the member with the lowest score / threshold. All test sets
-    are scored in one pass (one set-up and one set of patch moments for every history entry)."""
+    are scored in one pass: one model set-up and one set of patch moments serve every history entry."""
     scored = [m for m in pool_ids if histories.get(m)]
     if not scored:
         return {domain: np.full(len(images), pool_ids[0]) for domain, (images, _) in tests.items()}

@@ -1,4 +1,4 @@
-"""The ServerApp side of federated ODEx: a pool of members, per-hospital query → train → aggregate.
+"""The ServerApp side of federated ODEx: a pool of members, per-hospital score → train → aggregate.
 
 A round: (1) every sampled hospital scores its new window against every member's history (only
 histories with their first-block weights travel, and the one member the hospital trained last) and
@@ -8,10 +8,10 @@ chosen member, or a fork of it, and returns the model and the sufficient statist
 Steps (1) and (2) share one ``train`` message unless the window belongs to another member than the
 one sent (:meth:`OdexFederation.train_scored`); in the first round, with no history yet, every
 hospital trains the initial model and the server groups the returned window statistics into the
-first members (:meth:`OdexFederation.first_round`); (3) per member, the updates are aggregated with the configured
-rule and the window statistics become one new history entry; same-round forks of one parent merge
-when their statistics agree; the pool is capped. Evaluation sends the whole pool and routes every
-test image to its closest member. Rows written: pool_size (hospital 'server'), member and
+first members (:meth:`OdexFederation.first_round`); (3) per member, the updates are aggregated with
+the configured rule and the window statistics become one new history entry; same-round forks of one
+parent merge when their statistics agree; the pool is capped. Evaluation sends the whole pool and
+routes every test image to its closest member. Rows written: pool_size (hospital 'server'), member and
 shift_ratio per hospital, fork (value = new member id), fork_refused.
 """
 
@@ -135,8 +135,8 @@ class OdexFederation(Federation):
     def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         targets = self.sample(t)
-        hist = self.histories() if self.params.expansion == "detect" else {}
         if self.params.expansion == "detect":
+            hist = self.histories()
             decisions, replies, failed, down, timing = (self.train_scored(t, targets, hist) if hist
                                                         else self.first_round(t, targets))
             up = 0
