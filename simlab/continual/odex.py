@@ -129,7 +129,7 @@ class _FirstBlock:
     The moments depend on the images only, so a ``with`` block computes them once per image array
     and every first block loaded afterwards costs a few small matrix products (:func:`conv_features`),
     where a convolution and a reduction of the whole response cost milliseconds per entry. The
-    result is the float64 convolution's mean and std up to rounding (1e-12 relative at most); the
+    result is the float64 convolution's mean and std up to rounding (about 1e-12 relative); the
     float32 forward pass agrees to a few 1e-6. On the ready scenarios every decision, route and Dice
     stays the same; the logged shift ratios move by < 1e-7 relative. The image array must not
     change while the block holds its moments.
@@ -218,27 +218,29 @@ class _FirstBlock:
         with torch.no_grad():
             for n, i in enumerate(range(0, len(images), batch_size)):
                 held = self._moments
-                if held is not None and held[0] is images and held[1] == batch_size and n < len(held[2]):
-                    self._out.append(conv_features(self._shortcut, *held[2][n], self.spec).cpu())
-                    continue
-                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(self.device)
-                if self._shortcut is False:
-                    self._shortcut = self._producer(x[:1])
-                if self._shortcut is not None and _linear_response(self._shortcut, self.spec):
+                if not (held is not None and held[0] is images and held[1] == batch_size and n < len(held[2])):
+                    x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(self.device)
+                    if self._shortcut is False:
+                        self._shortcut = self._producer(x[:1])
+                    if self._shortcut is None or not _linear_response(self._shortcut, self.spec):
+                        self._run(x)
+                        continue
                     if n == 0:
-                        self._moments = (images, batch_size, [])
-                    self._moments[2].append(patch_moments(self._shortcut, x))
-                    self._out.append(conv_features(self._shortcut, *self._moments[2][n], self.spec).cpu())
-                    continue
-                if self._shortcut is not None:
-                    self._out.append(reduce_activation(self._shortcut(x), self.spec).cpu())
-                    continue
-                try:
-                    self.model(x)
-                except _Stop:
-                    pass
+                        self._moments = held = (images, batch_size, [])
+                    held[2].append(patch_moments(self._shortcut, x))
+                self._out.append(conv_features(self._shortcut, *held[2][n], self.spec).cpu())
         out, self._out = self._out, []
         return torch.cat(out).numpy().astype(np.float64)
+
+    def _run(self, x: torch.Tensor) -> None:
+        """Features of one batch by running the layer's producer alone, or the model up to the layer."""
+        if self._shortcut is not None:
+            self._out.append(reduce_activation(self._shortcut(x), self.spec).cpu())
+            return
+        try:
+            self.model(x)  # the hook appends the features and stops the pass
+        except _Stop:
+            pass
 
 
 def _linear_response(module: torch.nn.Module, spec: FeatureSpec) -> bool:
