@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
     from simlab.runner import RunDirError, data_items, run_scenario
-    from simlab.scenario.loader import ScenarioError
+    from simlab.config import ScenarioError
     from simlab.scenario.schema import load_scenario
 
     console = Console(stderr=False)

@@ -222,7 +222,7 @@ def final_pool_sizes(rows: list[dict]) -> dict[str, float]:
 
 def load_run(run_dir: str | Path) -> RunInfo:
     """Read ``summary.json``, ``scenario.yaml`` and the pool sizes of ``metrics.jsonl``."""
-    from simlab.scenario.loader import ScenarioError, read_yaml
+    from simlab.config import ScenarioError, read_yaml
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -396,7 +396,7 @@ def write_baseline(path: str | Path, group: Group, tolerances: dict[str, Toleran
 
 def read_baseline(path: str | Path) -> dict:
     """Read and validate a baseline file; every problem names the file and the key."""
-    from simlab.scenario.loader import ScenarioError, parse_yaml
+    from simlab.config import ScenarioError, parse_yaml
 
     path = Path(path)
     if not path.is_file():

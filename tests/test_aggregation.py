@@ -85,7 +85,7 @@ def test_params_follow_config_convention():
 
 
 def test_params_build_through_scenario_loader():
-    loader = pytest.importorskip("simlab.scenario.loader")
+    loader = pytest.importorskip("simlab.config")
     p = loader.build(AggregationParams, {"rule": "ida_fedavg", "max_update_norm": 5}, "s.yaml")
     assert p == AggregationParams(rule="ida_fedavg", max_update_norm=5.0)
     with pytest.raises(loader.ScenarioError) as err:

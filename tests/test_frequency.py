@@ -69,7 +69,7 @@ def test_params_defaults_and_check():
 
 
 def test_params_load_through_scenario_loader():
-    loader = pytest.importorskip("simlab.scenario.loader")
+    loader = pytest.importorskip("simlab.config")
     p = loader.build(FrequencyParams, {"enabled": True, "alpha": 0.02, "lambda_dist": "fixed"}, "t.yaml")
     assert p == FrequencyParams(enabled=True, alpha=0.02, lambda_dist="fixed")
     with pytest.raises(loader.ScenarioError, match="alpha"):

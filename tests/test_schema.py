@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from simlab.scenario.loader import ScenarioError
+from simlab.config import ScenarioError
 from simlab.scenario.schema import load_scenario
 
 GOOD = """\

@@ -953,7 +953,7 @@ def main(argv: list[str] | None = None, prog: str = "tools/deploy") -> int:
     if args.command is None:
         _parser(prog).print_help()
         return 2
-    from simlab.scenario.loader import ScenarioError
+    from simlab.config import ScenarioError
 
     try:
         return _dispatch(args)

@@ -28,7 +28,7 @@ from simlab.data.streams import DataFactory, HospitalStream
 from simlab.federated.messages import from_array_record, metrics, to_array_record, unpack_histories
 from simlab.metrics.segmentation import dice_per_class, predict
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
-from simlab.scenario.loader import build
+from simlab.config import build
 from simlab.scenario.schema import Scenario
 from simlab.seeding import derive_seed
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from simlab.scenario.loader import to_plain
+from simlab.config import to_plain
 from simlab.scenario.schema import Scenario
 
 

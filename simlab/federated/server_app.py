@@ -31,7 +31,7 @@ from simlab.federated.aggregation import EmptyAggregation, aggregate
 from simlab.federated.messages import from_array_record, hospital_part, state_nbytes, to_array_record
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
 from simlab.runlog import RunLog
-from simlab.scenario.loader import to_plain
+from simlab.config import to_plain
 from simlab.scenario.schema import Scenario
 from simlab.seeding import derive_seed, rng, seed_everything
 

@@ -41,7 +41,7 @@ class RunData:
 
     def __init__(self, run_dir: Path):
         from simlab.compare import CompareError
-        from simlab.scenario.loader import ScenarioError, read_yaml
+        from simlab.config import ScenarioError, read_yaml
 
         self.dir = run_dir
         if not (run_dir / "summary.json").is_file():

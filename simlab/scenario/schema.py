@@ -1,4 +1,4 @@
-"""The scenario schema: typed sections with defaults; validation in :mod:`simlab.scenario.loader`.
+"""The scenario schema: typed sections with defaults; validation in :mod:`simlab.config`.
 
 Rounds are numbered 1..``federation.rounds``. Round 0 is the untrained initial model (evaluated once,
 for forward transfer). A drift ``at: [11]`` means the new domain starts *in* round 11.
@@ -18,7 +18,7 @@ from simlab.data.appearance import ScannerParams
 from simlab.data.nifti import NiftiSourceParams
 from simlab.data.phantom import PopulationParams
 from simlab.federated.aggregation import AggregationParams
-from simlab.scenario.loader import ScenarioError, build, read_yaml, set_dotted, to_plain
+from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
 
 
 @dataclass(frozen=True)
@@ -340,7 +340,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None, seed: in
 
 
 def parse_override(text: str, source: str) -> tuple[str, Any]:
-    from simlab.scenario.loader import parse_yaml
+    from simlab.config import parse_yaml
 
     if "=" not in text:
         raise ScenarioError(source, [(text, "--set expects dotted.key=value")])
