@@ -15,8 +15,10 @@ before anything walks them.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -308,3 +310,17 @@ def set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
                 node[part] = {}
             node = node[part]
 
+
+
+def assemble(name: str, doc: str, fields: list[tuple], plugins: Mapping[str, type], namespace: dict | None = None) -> type:
+    """A frozen configuration dataclass made of ``fields`` plus one section per plug-in that declares
+    ``Params``: field ``<plug-in name>`` of type ``Params`` with its defaults. This is how a registry
+    (methods, aggregation rules) contributes its plug-ins' parameters to the scenario schema without
+    the schema naming them: a new plug-in's section appears when it is registered."""
+    sections = [(key, cls.Params, dataclasses.field(
+                    default_factory=cls.Params, metadata={"help": f"parameters of {key}: {getattr(cls, 'help', '')}"}))
+                for key, cls in plugins.items() if getattr(cls, "Params", None) is not None]
+    cls = dataclasses.make_dataclass(name, [*fields, *sections], frozen=True, namespace=namespace or {})
+    cls.__doc__ = doc
+    cls.__module__ = sys._getframe(1).f_globals.get("__name__", __name__)  # where it is defined, for pickle
+    return cls

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from simlab.continual.registry import method_class
 from simlab.checkpoint import HOSPITAL_STATE, checkpoint_path, read_meta
 from simlab.data.streams import DataFactory
 from simlab.metrics.results import LABELS, arm_results, dice_by_round, rows_by_arm
@@ -143,7 +144,7 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
         summary["arms"][arm] = {
             "method": sc.continual.method,
             "aggregation": sc.federation.aggregation.rule,
-            "breaks_no_rehearsal": sc.continual.method == "joint",
+            "breaks_no_rehearsal": method_class(sc.continual).breaks_no_rehearsal,
             "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": pooled["forgetting"],
             "wall_time_s": round(wall.get(arm, float("nan")), 2),
             "bytes_total": int(sum(c.get("bytes_down", 0) + c.get("bytes_up", 0) for c in arm_costs)),

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from simlab.federated.aggregation import (
+from simlab.aggregation import (
+    RULES,
     AggregateResult,
     AggregationParams,
     EmptyAggregation,
@@ -89,7 +90,7 @@ def test_params_build_through_scenario_loader():
     p = loader.build(AggregationParams, {"rule": "ida_fedavg", "max_update_norm": 5}, "s.yaml")
     assert p == AggregationParams(rule="ida_fedavg", max_update_norm=5.0)
     with pytest.raises(loader.ScenarioError) as err:
-        loader.build(AggregationParams, {"rule": "median", "eps": 0.0}, "s.yaml")
+        loader.build(AggregationParams, {"rule": "mode", "eps": 0.0}, "s.yaml")
     text = str(err.value)
     assert "rule" in text and "eps" in text
 
@@ -236,9 +237,9 @@ def test_ida_identical_models_equal_fedavg():
 def test_single_client_returns_its_model():
     rng = np.random.default_rng(5)
     m = make_model(rng)
-    for rule in ("fedavg", "ida", "ida_fedavg"):
+    for rule in RULES:
         res = aggregate([("only", m, 12)], AggregationParams(rule=rule))
-        assert res.weights == {"only": 1.0}
+        assert res.weights == ({"only": 1.0} if rule in WEIGHTING else {})
         for k in m:
             np.testing.assert_array_equal(res.model[k], m[k])
             assert res.model[k] is not m[k]  # a fresh array, not an alias of the input
@@ -249,7 +250,7 @@ def test_arrival_order_does_not_change_result_bitwise():
     entries = [(f"hosp{i}", make_model(rng, scale=0.5 + i), int(rng.integers(1, 100))) for i in range(6)]
     for cid, m, _ in entries:  # float64 arrays expose any change of summation order (no cast hides it)
         m["double"] = rng.normal(size=(50,)) * (1.0 + int(cid[-1]))
-    for rule in ("fedavg", "ida", "ida_fedavg"):
+    for rule in RULES:
         params = AggregationParams(rule=rule)
         ref = aggregate(entries, params, trainable_keys=TRAINABLE)
         for seed in range(3):
@@ -260,7 +261,7 @@ def test_arrival_order_does_not_change_result_bitwise():
                 assert res.model[k].tobytes() == ref.model[k].tobytes()
                 assert res.model[k].dtype == ref.model[k].dtype
             assert res.weights == ref.weights and res.distances == ref.distances
-            assert list(res.weights) == sorted(cid for cid, _, _ in entries)
+            assert list(res.distances) == sorted(cid for cid, _, _ in entries)
 
 
 def test_dtype_shape_and_key_order_preserved():
@@ -444,7 +445,70 @@ def test_model_nbytes():
 
 def test_module_does_not_import_flwr():
     code = (
-        "import sys, simlab.federated.aggregation; "
+        "import sys, simlab.aggregation; "
         "sys.exit(int(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------- median, trimmed mean
+
+WEIGHTING = ("fedavg", "ida", "ida_fedavg")
+
+
+def test_median_and_trimmed_mean_hand_computed():
+    values = [1.0, 2.0, 100.0, 4.0, 3.0]  # one outlier
+    models = [{"w": np.array([v, -v]), "n": np.array(i, dtype=np.int64)} for i, v in enumerate(values)]
+    entries = [(f"h{i}", m, 10 * (i + 1)) for i, m in enumerate(models)]
+    med = aggregate(entries, AggregationParams(rule="median"))
+    np.testing.assert_array_equal(med.model["w"], [3.0, -3.0])
+    assert med.weights == {} and len(med.distances) == 5  # not a weighting; distances still reported
+    assert int(med.model["n"]) == 4  # integer counters: the maximum, as for every rule
+    trim = aggregate(entries, AggregationParams(rule="trimmed_mean"))  # default beta 0.2
+    np.testing.assert_allclose(trim.model["w"], [3.0, -3.0])  # ⌊0.2·5⌋ = 1 cut at each end: mean(2, 3, 4)
+    even = aggregate(entries[:4], AggregationParams(rule="median"))
+    np.testing.assert_array_equal(even.model["w"], [3.0, -3.0])  # 1, 2, 4, 100: mean of the middle two
+
+
+def test_trimmed_mean_without_cut_is_the_plain_mean():
+    rng = np.random.default_rng(11)
+    models = [{"w": rng.normal(size=(4, 3))} for _ in range(4)]
+    res = aggregate([(str(i), m, 1 + i) for i, m in enumerate(models)], AggregationParams(rule="trimmed_mean"))
+    np.testing.assert_allclose(res.model["w"], np.mean([m["w"] for m in models], axis=0), rtol=1e-15)
+
+
+def test_robust_rules_resist_an_outlier_that_moves_fedavg():
+    rng = np.random.default_rng(12)
+    base = rng.normal(size=(20,))
+    models = [{"w": base + 0.01 * rng.normal(size=20)} for _ in range(6)] + [{"w": base + 1e3}]
+    entries = [(f"h{i}", m, 10) for i, m in enumerate(models)]
+    err = {rule: float(np.abs(aggregate(entries, AggregationParams(rule=rule)).model["w"] - base).max())
+           for rule in ("fedavg", "median", "trimmed_mean")}
+    assert err["fedavg"] > 100 and err["median"] < 0.05 and err["trimmed_mean"] < 0.05
+
+
+def test_median_and_trimmed_mean_match_flower():
+    """The same statistics as Flower 1.41: FedTrimmedAvg's ``trim_mean`` (imported from Flower, by
+    the test only: the core never imports it) and FedMedian's ``np.median(np.stack(layers), axis=0)``.
+    float64 models, so no cast hides a difference."""
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    rng = np.random.default_rng(13)
+    models = [{"a": rng.normal(size=(3, 4)), "b": rng.normal(size=(5,))} for _ in range(7)]
+    entries = [(f"h{i}", m, 10 * (i + 1)) for i, m in enumerate(models)]
+    ours_median = aggregate(entries, AggregationParams(rule="median")).model
+    ours_trim = aggregate(entries, AggregationParams(rule="trimmed_mean",
+                                                     trimmed_mean=RULES["trimmed_mean"].Params(beta=0.3))).model
+    for k in models[0]:
+        layers = np.stack([m[k] for m in models])
+        np.testing.assert_array_equal(ours_median[k], np.median(layers, axis=0))
+        np.testing.assert_allclose(ours_trim[k], trim_mean(layers, 0.3), rtol=1e-14, atol=0)
+
+
+def test_trimmed_mean_params_are_validated_through_the_loader():
+    from simlab.config import ScenarioError, build
+
+    p = build(AggregationParams, {"rule": "trimmed_mean", "trimmed_mean": {"beta": 0.1}}, "s.yaml")
+    assert p.trimmed_mean.beta == 0.1
+    with pytest.raises(ScenarioError, match="trimmed_mean.beta"):
+        build(AggregationParams, {"rule": "trimmed_mean", "trimmed_mean": {"beta": 0.5}}, "s.yaml")

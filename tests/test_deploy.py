@@ -226,7 +226,7 @@ def test_run_config_parsing_of_the_deploy_server_app(tmp_path):
 
 
 def test_missing_hospital_fails_after_the_connect_timeout_not_the_round_timeout():
-    from simlab.federated.server_app import FederationError, wait_for_nodes
+    from simlab.federated.federation import FederationError, wait_for_nodes
 
     class TwoOfThree:
         def get_node_ids(self):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from simlab.data.drift import plan, true_domains
-from simlab.scenario.schema import DriftSpec
+from simlab.data.drift import DriftSpec
 
 
 def test_abrupt_switches_in_the_named_round():

@@ -8,22 +8,9 @@ import numpy as np
 import pytest
 import scipy.spatial.distance
 
-from simlab.continual.mahalanobis import (
-    Calibration,
-    Gaussian,
-    GaussianStats,
-    HistoryEntry,
-    ShiftParams,
-    decide,
-    fold_ids,
-    history_threshold,
-    id_scores,
-    ledoit_wolf_shrinkage,
-    route,
-    score_history,
-    score_images,
-    score_pool,
-)
+from simlab.continual.gaussian import Gaussian, GaussianStats, ledoit_wolf_shrinkage
+from simlab.continual.mahalanobis import Calibration, HistoryEntry, ShiftParams, fold_ids, id_scores
+from simlab.continual.odex import Entry, combine, decide, member_threshold, route
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -294,11 +281,15 @@ def test_id_scores_inside_merged_stats_equal_direct_complement_fits():
 # ---------------------------------------------------------------------------------------------
 
 
-def _unit_entry(mean, mean_norm_id: float) -> HistoryEntry:
+def _unit_entry(mean, mean_norm_id: float) -> Entry:
     """Entry whose empirical covariance is exactly I (D^2 = |z - mean|^2), normaliser uhat = min(D^2, 10)/10."""
     mean = np.asarray(mean, dtype=float)
     stats = GaussianStats(4, mean, 4.0 * np.eye(2), np.zeros(2), 0.0)
-    return HistoryEntry(stats, Calibration(0.0, 5.0, mean_norm_id, 10, 2.0, "empirical", "squared"))
+    return Entry({}, stats, Calibration(0.0, 5.0, mean_norm_id, 10, 2.0, "empirical", "squared"), 1)
+
+
+def _per_entry(entries, z, params) -> np.ndarray:
+    return np.stack([e.history_entry().normalized_scores(z, params) for e in entries])
 
 
 def test_history_modes_give_documented_values():
@@ -316,13 +307,14 @@ def test_history_modes_give_documented_values():
     }
     for mode, (window, per_image, xi) in expected.items():
         p = ShiftParams(estimator="empirical", history=mode)
-        assert score_history(entries, z, p) == pytest.approx(window, abs=1e-12), mode
-        np.testing.assert_allclose(score_images(entries, z, p), per_image, atol=1e-12, err_msg=mode)
-        assert history_threshold(entries, p) == pytest.approx(xi, abs=1e-12), mode
+        u = _per_entry(entries, z, p)
+        assert float(combine(u.mean(axis=1), p)) == pytest.approx(window, abs=1e-12), mode
+        np.testing.assert_allclose(combine(u, p), per_image, atol=1e-12, err_msg=mode)
+        assert member_threshold(entries, p) == pytest.approx(xi, abs=1e-12), mode
     with pytest.raises(ValueError):  # entries calibrated for the empirical estimator
-        score_history(entries, z, ShiftParams(estimator="ledoit_wolf"))
+        _per_entry(entries, z, ShiftParams(estimator="ledoit_wolf"))
     with pytest.raises(ValueError):
-        score_images([], z, ShiftParams(estimator="empirical"))
+        combine(np.zeros((0, 2)), ShiftParams(estimator="empirical"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,16 +323,18 @@ def test_history_modes_give_documented_values():
 
 
 def test_decide_and_route_units():
-    assert decide({"a": 0.3, "b": 0.2}, {"a": 1.0, "b": 0.25}) == ("train", "b")
-    assert decide({"a": 0.3, "b": 0.2}, {"a": 1.0, "b": 0.1}) == ("fork", "b")
-    assert decide({"a": 0.2, "b": 0.2}, {"a": 0.2, "b": 0.2}) == ("train", "a")  # tie, <= threshold
-    with pytest.raises(ValueError):
-        decide({}, {})
-    with pytest.raises(ValueError):
-        decide({"a": float("nan")}, {"a": 1.0})
-    np.testing.assert_array_equal(route([[0.3, 0.1, 0.5], [0.2, 0.2, 0.9], [1.0, 0.7, 0.1]]), [1, 0, 2])
-    with pytest.raises(ValueError):
-        route(np.zeros((3, 0)))
+    p = ShiftParams(estimator="empirical", history="sum")
+    hist = {1: [_unit_entry([0, 0], 0.5)], 2: [_unit_entry([0, 0], 0.125)]}  # thresholds 1.0 and 0.25
+    d = decide({1: np.array([0.9]), 2: np.array([0.1])}, hist, p)
+    assert (d.member, d.fork) == (2, False) and d.ratio == pytest.approx(0.4)
+    d = decide({1: np.array([0.3]), 2: np.array([0.3])}, hist, p)
+    assert (d.member, d.fork) == (1, False)  # 0.3/1.0 beats 0.3/0.25: members compare by score / threshold
+    d = decide({1: np.array([2.0]), 2: np.array([0.6])}, hist, p)
+    assert (d.member, d.fork) == (1, True)  # every ratio over 1: fork the closest member
+    tie = decide({1: np.array([0.25]), 2: np.array([0.0625])}, hist, p)
+    assert tie.member == 1  # equal ratios: the lowest id
+    per_entry = {1: np.array([[0.3, 0.2, 0.5]]), 2: np.array([[0.05, 0.1, 0.0]])}
+    np.testing.assert_array_equal(route(per_entry, hist, p), [2, 1, 2])  # 0.3 vs 0.2, 0.2 vs 0.4, 0.5 vs 0
 
 
 def _domains(d: int):
@@ -361,15 +355,23 @@ def test_pool_decisions_on_three_gaussians(seed):
     sample = _domains(d)
     gen = np.random.default_rng(100 + seed)
     params = ShiftParams()
-    pool = {1: [HistoryEntry.fit(sample(0, 64, gen), params)], 2: [HistoryEntry.fit(sample(1, 64, gen), params)]}
-    assert decide(*score_pool(pool, sample(0, 32, gen), params)) == ("train", 1)
-    assert decide(*score_pool(pool, sample(1, 32, gen), params)) == ("train", 2)
-    assert decide(*score_pool(pool, sample(2, 32, gen), params))[0] == "fork"
+
+    def entry(z):
+        he = HistoryEntry.fit(z, params)
+        return Entry({}, he.stats, he.calibration, 1)
+
+    pool = {1: [entry(sample(0, 64, gen))], 2: [entry(sample(1, 64, gen))]}
+
+    def window(z):
+        return decide({m: _per_entry(h, z, params).mean(axis=1) for m, h in pool.items()}, pool, params)
+
+    assert (window(sample(0, 32, gen)).member, window(sample(0, 32, gen)).fork) == (1, False)
+    assert (window(sample(1, 32, gen)).member, window(sample(1, 32, gen)).fork) == (2, False)
+    assert window(sample(2, 32, gen)).fork
     # routing of mixed test images from domains 1 and 2
-    truth = np.repeat([0, 1], 200)
+    truth = np.repeat([1, 2], 200)
     z = np.vstack([sample(0, 200, gen), sample(1, 200, gen)])
-    per_member = np.column_stack([score_images(pool[k], z, params) for k in (1, 2)])
-    purity = np.mean(route(per_member) == truth)
+    purity = np.mean(route({m: _per_entry(h, z, params) for m, h in pool.items()}, pool, params) == truth)
     assert purity > 0.95
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from simlab.continual.features import FeatureSpec, extract_features, reduce_activation
-from simlab.continual.mahalanobis import GaussianStats, ShiftParams
-from simlab.continual.odex import (Entry, OdexParams, Pool, ScoreCache, _FirstBlock, _linear_response, conv_features,
-                                   first_block_keys, fit_entry, forks_agree, member_scores, member_threshold,
-                                   merge_entries, patch_moments, pool_scores, window_features)
+from simlab.continual.gaussian import GaussianStats
+from simlab.continual.mahalanobis import ShiftParams
+from simlab.continual.odex import Entry, OdexParams, Pool, fit_entry, forks_agree, member_threshold, merge_entries
+from simlab.continual.odex_features import (ScoreCache, _FirstBlock, _linear_response, conv_features, first_block_keys,
+                                            member_scores, patch_moments, pool_scores, window_features)
 from simlab.data import phantom
 from simlab.data.appearance import ScannerParams
 from simlab.models.unet import build_model, state_to_numpy
-from simlab.scenario.schema import ModelSpec
+from simlab.models.unet import ModelSpec
 
 SPEC = FeatureSpec()
 SHIFT = ShiftParams()

@@ -159,7 +159,7 @@ def test_odex_pool_survives_a_checkpoint_exactly(tmp_path):
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
-    from simlab.federated.server_app import Federation, settings_hash
+    from simlab.federated.federation import Federation, settings_hash
     from simlab.scenario.schema import load_scenario
 
     path = tmp_path / "s.yaml"

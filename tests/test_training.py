@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from simlab.augment.frequency import FrequencyAugmenter, FrequencyParams
-from simlab.continual.baselines import Joint, Sequential
+from simlab.continual.joint import Joint
+from simlab.continual.sequential import Sequential
 from simlab.continual.training import TrainConfig, train_local
 from simlab.data.streams import corrupt_labels
 from simlab.models.unet import build_model, state_to_numpy
-from simlab.scenario.schema import HospitalSpec, ModelSpec, DriftSpec
+from simlab.data.drift import DriftSpec
+from simlab.data.specs import HospitalSpec
+from simlab.models.unet import ModelSpec
 
 SMALL = ModelSpec(channels=[4, 8, 16])
 
@@ -74,8 +77,8 @@ def test_corrupted_labels_swap_or_randomise_only_the_chosen_share():
 
 def test_joint_rehearses_every_seen_window_sequential_does_not():
     seq, joint = Sequential(), Joint()
-    assert seq.rounds_to_train_on(3, {}) == [3]
-    state = joint.next_state(joint.rounds_to_train_on(1, {}))
-    state = joint.next_state(joint.rounds_to_train_on(2, state))
-    assert joint.rounds_to_train_on(3, state) == [1, 2, 3]
+    assert seq.training_rounds(3, {}) == [3]
+    state = joint.after_round(None, None, None, joint.training_rounds(1, {}), {}, None, 0)
+    state = joint.after_round(None, None, None, joint.training_rounds(2, state), state, None, 0)
+    assert joint.training_rounds(3, state) == [1, 2, 3]
     assert joint.breaks_no_rehearsal and not seq.breaks_no_rehearsal

@@ -11,9 +11,9 @@ Times, per hospital and round, the work a hospital's ClientApp does, calling the
   episodic step instead of the plain one;
 - **odex score**: ODEx shift scoring of the window against a pool history (``--members`` members
   of ``--entries`` entries each, every entry with first-block weights of its own):
-  :func:`~simlab.continual.odex.pool_scores` and :func:`~simlab.continual.odex.decide`;
+  :func:`~simlab.continual.odex_features.pool_scores` and :func:`~simlab.continual.odex.decide`;
 - **odex entry**: the statistics of the window that the hospital sends back with its update
-  (:func:`~simlab.continual.odex.window_features`, :func:`~simlab.continual.odex.fit_entry`);
+  (:func:`~simlab.continual.odex_features.window_features`, :func:`~simlab.continual.odex.fit_entry`);
 - **eval**: prediction and per-class Dice (:mod:`simlab.metrics.segmentation`) on every domain's
   test set.
 
@@ -59,13 +59,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries  # noqa: E402
-from simlab.continual.odex import (  # noqa: E402
-    decide,
-    first_block_keys,
-    fit_entry,
-    pool_scores,
-    window_features,
-)
+from simlab.continual.odex import decide, fit_entry  # noqa: E402
+from simlab.continual.odex_features import first_block_keys, pool_scores, window_features  # noqa: E402
 from simlab.continual.training import TrainConfig, pick_device, train_local  # noqa: E402
 from simlab.data.streams import DataFactory, HospitalStream  # noqa: E402
 from simlab.metrics.segmentation import dice_per_class, predict  # noqa: E402

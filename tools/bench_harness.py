@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simlab.continual.baselines import make_method  # noqa: E402
+from simlab.continual.registry import make_method  # noqa: E402
 from simlab.continual.training import TrainConfig  # noqa: E402
 from simlab.data.streams import DataFactory, HospitalStream  # noqa: E402
-from simlab.federated.aggregation import aggregate  # noqa: E402
-from simlab.federated.server_app import evaluation_rounds  # noqa: E402
+from simlab.aggregation import aggregate  # noqa: E402
+from simlab.federated.federation import evaluation_rounds  # noqa: E402
 from simlab.metrics.segmentation import dice_per_class, predict  # noqa: E402
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy, trainable_keys  # noqa: E402
 from simlab.runlog import RunLog  # noqa: E402
@@ -83,7 +83,7 @@ def bare_loop(sc) -> float:
         for s in streams:
             m = build_model(sc.model, sc.num_classes)
             load_numpy_state(m, state)
-            res = method.local_update(m, s, t, {}, cfg, seed=derive_seed(sc.seed, "train", s.hospital.id, t))
+            res = method.local_update(m, s.window, t, {}, cfg, seed=derive_seed(sc.seed, "train", s.hospital.id, t))
             entries.append((s.hospital.id, state_to_numpy(m), int(res.metrics["num_examples"])))
         state = aggregate(entries, fed.aggregation, trainable_keys=keys, reference=state).model
         if t in eval_at:

@@ -46,14 +46,16 @@ def _batches(n: int, cfg: TrainConfig, gen: torch.Generator):
         pos += cfg.batch_size
 
 
-def _episodic_loss(model, loss_fn, x, x_aug, y, beta: float) -> torch.Tensor:
+def _episodic_loss(model, loss_fn, x, x_aug, y, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_inner + L_outer, the raw batch, the inner logits)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    inner = loss_fn(model(x), y)
+    logits = model(x)
+    inner = loss_fn(logits, y)
     grads = torch.autograd.grad(inner, params, retain_graph=True)
     fast = {n: p - beta * g.detach().clamp(-100, 100) for n, p, g in zip(names, params, grads)}
     outer = loss_fn(torch.func.functional_call(model, fast, (x_aug,)), y)
-    return inner + outer
+    return inner + outer, x, logits
 
 
 def train_local(
@@ -63,7 +65,7 @@ def train_local(
     cfg: TrainConfig,
     seed: int,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    hooks=None,
 ) -> dict[str, float]:
     """Train ``model`` in place; returns mean loss and counts. Deterministic for a given seed.
 
@@ -71,6 +73,10 @@ def train_local(
     ``cfg.episodic`` each step is FedDG's episodic (meta) step, first-order as in the released code:
     an inner loss on the raw batch gives fast weights θ' = θ − β∇L_inner (β = lr, gradient detached),
     an outer loss on the augmented batch is taken with θ', and θ is updated on L_inner + L_outer.
+
+    ``hooks`` (a :class:`simlab.continual.method.Method`): ``hooks.loss_term(model, x, y, logits)`` is
+    added to each batch's loss (x as the network saw it, logits its output; for the episodic step,
+    the inner pass on the raw batch), and ``hooks.after_step(model)`` runs after each step.
     """
     if cfg.episodic and augment is None:
         raise ValueError("the episodic step needs an augmentation (augmentation.frequency.enabled)")
@@ -93,12 +99,17 @@ def train_local(
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         opt.zero_grad(set_to_none=True)
         if cfg.episodic:
-            loss = _episodic_loss(model, loss_fn, x, augment(x), y, cfg.lr)
+            loss, seen, logits = _episodic_loss(model, loss_fn, x, augment(x), y, cfg.lr)
         else:
-            loss = loss_fn(model(augment(x) if augment is not None else x), y)
-        if penalty is not None:
-            loss = loss + penalty(model)
+            seen = augment(x) if augment is not None else x
+            logits = model(seen)
+            loss = loss_fn(logits, y)
+        extra = hooks.loss_term(model, seen, y, logits) if hooks is not None else None
+        if extra is not None:
+            loss = loss + extra
         loss.backward()
         opt.step()
+        if hooks is not None:
+            hooks.after_step(model)
         losses.append(float(loss.detach()))
     return {"train_loss": float(np.mean(losses)), "steps": float(len(losses)), "num_examples": float(len(images))}

@@ -9,9 +9,68 @@ the nearer end point (t < 0.5 → the first domain). Methods never see it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-from simlab.scenario.schema import DriftSpec
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """How a hospital's domain changes over rounds (the methods are never told).
+
+    none: ``domain`` throughout. abrupt: ``domains[0]`` until ``at[0]``, then ``domains[1]`` … (A→B→A
+    is abrupt with three entries). recurring: cycles through ``domains``, ``period`` rounds each.
+    gradual: ``domains[0]`` until ``start``, ``domains[1]`` from ``end``, in between either a mixture
+    whose share of ``domains[1]`` grows linearly (mode mix) or images whose scanner and population
+    parameters are interpolated (mode interpolate). population: a mixture of cohorts whose weights move
+    linearly from ``weights_start`` (at ``start``) to ``weights_end`` (at ``end``).
+    """
+
+    type: Literal["none", "abrupt", "recurring", "gradual", "population"] = "none"
+    domain: str | None = None
+    domains: list[str] = field(default_factory=list)
+    at: list[int] = field(default_factory=list)
+    period: int | None = field(default=None, metadata={"ge": 1})
+    start: int = field(default=1, metadata={"ge": 1})
+    end: int = field(default=1, metadata={"ge": 1})
+    mode: Literal["mix", "interpolate"] = "mix"
+    weights_start: list[float] = field(default_factory=list)
+    weights_end: list[float] = field(default_factory=list)
+
+    def check(self):
+        p = []
+        need = {"none": 0, "abrupt": 2, "recurring": 2, "gradual": 2, "population": 2}[self.type]
+        if self.type == "none":
+            if not self.domain:
+                p.append(("domain", "drift type 'none' needs 'domain'"))
+            return p
+        if len(self.domains) < need:
+            p.append(("domains", f"drift type '{self.type}' needs at least {need} domains"))
+        if self.type == "abrupt":
+            if len(self.at) != len(self.domains) - 1:
+                p.append(("at", f"expected {max(len(self.domains) - 1, 0)} switch rounds (one per change), "
+                                f"found {len(self.at)}"))
+            elif any(b <= a for a, b in zip(self.at, self.at[1:])) or any(r < 2 for r in self.at):
+                p.append(("at", f"switch rounds must be increasing and >= 2, found {self.at}"))
+        if self.type == "recurring" and self.period is None:
+            p.append(("period", "drift type 'recurring' needs 'period' (rounds per visit)"))
+        if self.type == "gradual":
+            if len(self.domains) != 2:
+                p.append(("domains", f"gradual drift goes from one domain to another: 2 domains, found {len(self.domains)}"))
+            if self.end <= self.start:
+                p.append(("end", f"expected end > start ({self.start}), found {self.end}"))
+        if self.type == "population":
+            for key in ("weights_start", "weights_end"):
+                w = getattr(self, key)
+                if len(w) != len(self.domains):
+                    p.append((key, f"expected {len(self.domains)} weights (one per domain), found {len(w)}"))
+                elif any(x < 0 for x in w) or sum(w) <= 0:
+                    p.append((key, f"weights must be >= 0 with a positive sum, found {w}"))
+            if self.end < self.start:
+                p.append(("end", f"expected end >= start ({self.start}), found {self.end}"))
+        return p
+
+    def referenced_domains(self) -> list[str]:
+        return [self.domain] if self.type == "none" and self.domain else list(self.domains)
 
 
 @dataclass(frozen=True)

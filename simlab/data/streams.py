@@ -23,7 +23,7 @@ from simlab.data.appearance import ScannerParams, apply_scanner
 from simlab.data.cache import ArrayCache
 from simlab.data.drift import WindowPlan, plan, true_domains
 from simlab.config import to_plain
-from simlab.scenario.schema import DataSpec, DomainSpec, HospitalSpec, num_classes_of
+from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.seeding import derive_seed, rng
 
 

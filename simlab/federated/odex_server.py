@@ -17,20 +17,20 @@ shift_ratio per hospital, fork (value = new member id), fork_refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, MessageType, RecordDict
 
 from simlab.checkpoint import flat, nest
-from simlab.continual.odex import Decision, Entry, Member, Pool, cluster_entries, first_block_keys, merge_entries
-from simlab.federated.aggregation import EmptyAggregation, aggregate
-from simlab.federated.messages import from_array_record, pack_histories, records_nbytes, state_nbytes, to_array_record
-from simlab.federated.server_app import Federation
+from simlab.continual.odex import Decision, Entry, Member, Pool, cluster_entries, merge_entries
+from simlab.continual.odex_features import first_block_keys
+from simlab.aggregation import EmptyAggregation, aggregate
+from simlab.federated import codec
+from simlab.federated.codec import histories_nbytes, state_nbytes
+from simlab.federated.federation import Federation
 
 log = logging.getLogger("simlab")
 
@@ -43,6 +43,8 @@ class OdexFederation(Federation):
         self.pool = Pool(self.params, state)
         self.current = {h: 0 for h in self.ids}  # member each hospital trained last
         self.last_domain: dict[str, str] = {}  # oracle ablation only
+
+    wants_entry = True  # every train reply carries the window's statistics under the model sent
 
     def first_block(self, m: int) -> dict[str, np.ndarray]:
         return {k: self.pool.members[m].state[k] for k in self.fb_keys}
@@ -90,9 +92,8 @@ class OdexFederation(Federation):
                 out[h] = Decision(self.current[h], changed)
             return out, 0, 0
         if mode == "dice":
-            content = {h: RecordDict({"arrays": to_array_record(self.pool.members[self.current[h]].state),
-                                      "config": ConfigRecord({"round": t, "task": self.parts[h]})}) for h in targets}
-            replies = self._send(f"{MessageType.QUERY}.dice", targets, content)
+            requests = {h: codec.Query(t, self.parts[h], self.pool.members[self.current[h]].state) for h in targets}
+            replies = self._send(codec.DICE, targets, requests)
             out = {}
             for h in targets:
                 m = self.current[h]
@@ -100,7 +101,7 @@ class OdexFederation(Federation):
                 if reply is None or reply.has_error():
                     out[h] = Decision(m, False)
                     continue
-                dice = float(reply.content["metrics"]["dice"])
+                dice = codec.decode_metrics(reply.content)["dice"]
                 last = self.pool.members[m].last_dice.get(h)
                 out[h] = Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last)
                 self.pool.members[m].last_dice[h] = dice
@@ -117,12 +118,9 @@ class OdexFederation(Federation):
         of the initial model is training the initial model, so no message is needed before training.
         Returns (decisions, replies, failed, bytes down, timing) like :meth:`train_scored`."""
         state = self.pool.members[0].state
-        content = {h: RecordDict({"arrays": to_array_record(state), "config": self.task_config(h, t)})
-                   for h in targets}
-        replies, failed = self.train_replies(t, targets, content)
+        replies, failed = self.train_replies(t, targets, {h: self.train_request(h, t, state) for h in targets})
         ok = list(replies)
-        fb = {f"fb.{k}": v for k, v in self.first_block(0).items()}
-        entries = [Entry.from_arrays({**fb, **from_array_record(replies[h].content["entry"])}) for h in ok]
+        entries = [codec.decode_train_reply(replies[h].content, state, self.first_block(0)).entry for h in ok]
         decisions = {h: Decision(0, False) for h in ok}
         for i, group in enumerate(cluster_entries(entries, self.params.shift)):
             if i > 0 and len(self.pool) < self.params.max_members:
@@ -144,9 +142,8 @@ class OdexFederation(Federation):
             start = time.perf_counter()
             decisions, q_down, up = self.decide(t, targets)
             timing = {"query_s": time.perf_counter() - start}
-            content = {h: RecordDict({"arrays": to_array_record(self.pool.members[decisions[h].member].state),
-                                      "config": self.task_config(h, t)}) for h in targets}
-            replies, failed = self.train_replies(t, targets, content)
+            requests = {h: self.train_request(h, t, self.pool.members[decisions[h].member].state) for h in targets}
+            replies, failed = self.train_replies(t, targets, requests)
             down = q_down + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in targets)
         fb = {m: self.first_block(m) for m in self.pool.members}
         groups: dict[int, list] = defaultdict(list)
@@ -154,12 +151,10 @@ class OdexFederation(Federation):
         for h, reply in replies.items():
             d = decisions[h]
             self.last_trained[h] = t
-            model = from_array_record(reply.content["arrays"], like=state)
-            arrays = from_array_record(reply.content["entry"])
-            entry = Entry.from_arrays({**{f"fb.{k}": v for k, v in fb[d.member].items()}, **arrays})
-            up += state_nbytes(model) + sum(v.nbytes for v in arrays.values())
-            self.log.metric(t, h, self.domains[h][t - 1], "train_loss", reply.content["metrics"]["train_loss"])
-            item = (h, model, int(reply.content["metrics"]["num-examples"]), entry)
+            r = codec.decode_train_reply(reply.content, state, fb[d.member])
+            up += state_nbytes(r.model) + codec.entry_nbytes(reply.content)
+            self.log.metric(t, h, self.domains[h][t - 1], "train_loss", r.metrics["train_loss"])
+            item = (h, r.model, int(r.metrics["num-examples"]), r.entry)
             (forks if d.fork else groups)[d.member].append(item)
         n_ok = sum(len(v) for v in groups.values()) + sum(len(v) for v in forks.values())
         cost = {"sent": targets, "failed": failed, **timing, "bytes_down": down, "bytes_up": up}
@@ -183,28 +178,25 @@ class OdexFederation(Federation):
         scores and gets a second ``train`` message with that member. The server always takes the
         decision from the returned scores itself. Returns (decisions, replies, failed, bytes down,
         timing), timing ``score_s`` being the longest scoring time at a hospital."""
-        records = pack_histories(hist)
+        def request(h: str, m: int, with_histories: bool) -> codec.Train:
+            return self.train_request(h, t, self.pool.members[m].state, member=m,
+                                      histories=hist if with_histories else None)
 
-        def content(h: str, m: int, with_histories: bool) -> RecordDict:
-            return RecordDict({"arrays": to_array_record(self.pool.members[m].state),
-                               **(records if with_histories else {}),
-                               "config": ConfigRecord({**self.task_config(h, t), "member": m})})
-
-        first, failed = self.train_replies(t, targets, {h: content(h, self.current[h], True) for h in targets})
-        decisions, score_s = {}, 0.0
+        first, failed = self.train_replies(t, targets, {h: request(h, self.current[h], True) for h in targets})
+        decisions, score_s, trained = {}, 0.0, {}
         for h, reply in first.items():
-            shift = reply.content["shift"]
-            decisions[h] = self.pool.decide_detect({int(k[1:]): np.asarray(v, dtype=np.float64)
-                                                    for k, v in shift.items() if k[0] == "m" and k[1:].isdigit()})
+            shift = codec.decode_shift(reply.content)
+            decisions[h] = self.pool.decide_detect(codec.window_scores(shift))
             score_s = max(score_s, float(shift["score_s"]))
+            trained[h] = "arrays" in reply.content
             self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", decisions[h].ratio)
-        again = [h for h, d in decisions.items() if d.member != self.current[h] or "arrays" not in first[h].content]
+        again = [h for h, d in decisions.items() if d.member != self.current[h] or not trained[h]]
         replies = {h: r for h, r in first.items() if h not in again}
         if again:
-            second, failed2 = self.train_replies(t, again, {h: content(h, decisions[h].member, False) for h in again})
+            second, failed2 = self.train_replies(t, again, {h: request(h, decisions[h].member, False) for h in again})
             replies.update(second)
             failed = sorted(failed + failed2, key=self.ids.index)
-        down = (len(targets) * records_nbytes(records)
+        down = (len(targets) * histories_nbytes(hist)
                 + sum(state_nbytes(self.pool.members[self.current[h]].state) for h in targets)
                 + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in again))
         replies = dict(sorted(replies.items(), key=lambda kv: self.ids.index(kv[0])))
@@ -282,10 +274,9 @@ class OdexFederation(Federation):
         return {d: m for d, (n, m) in best.items()}
 
     def evaluate(self, t: int, state) -> int:
-        members = {f"m{m}": to_array_record(mem.state) for m, mem in self.pool.members.items()}
-        records = {**members, **pack_histories(self.histories())}
-        config = {"round": t, "members": [int(m) for m in self.pool.members], "oracle": json.dumps(self.oracle())}
-        content = {h: RecordDict({**records, "config": ConfigRecord({**config, "task": self.parts[h]})})
-                   for h in self.ids}
-        self._collect_eval(t, self._send(MessageType.EVALUATE, self.ids, content))
-        return len(self.ids) * records_nbytes(records)
+        members = {m: mem.state for m, mem in self.pool.members.items()}
+        histories, oracle = self.histories(), self.oracle()
+        requests = {h: codec.Evaluate(t, self.parts[h], members=members, histories=histories, oracle=oracle)
+                    for h in self.ids}
+        self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))
+        return len(self.ids) * codec.broadcast_nbytes(requests[self.ids[0]])

@@ -7,11 +7,25 @@ aggregation shares.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from simlab.scenario.schema import ModelSpec
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The MONAI U-Net's shape: channels per level (stride 2 between levels), residual units, dropout."""
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    num_res_units: int = field(default=1, metadata={"ge": 0})
+    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
+
+    def check(self):
+        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
+            return [("channels", f"expected at least 2 positive channel counts, found {self.channels}")]
+        return []
 
 
 def build_model(spec: ModelSpec, num_classes: int, in_channels: int = 1) -> torch.nn.Module:

@@ -13,128 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simlab.augment.frequency import FrequencyParams
-from simlab.continual.odex import OdexParams
-from simlab.data.appearance import ScannerParams
-from simlab.data.nifti import NiftiSourceParams
-from simlab.data.phantom import PopulationParams
-from simlab.federated.aggregation import AggregationParams
+from simlab.continual.registry import ContinualSpec, method_class
+from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
+from simlab.models.unet import ModelSpec
+from simlab.aggregation import AggregationParams
 from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: Literal["phantom", "nifti"] = field(
-        default="phantom", metadata={"help": "phantom: embedded MNI152 anatomy; nifti: nnU-Net-layout folders"})
-    image_size: int = field(default=128, metadata={"ge": 16, "le": 1024, "help": "2D slice size (pixels)"})
-    datasets: dict[str, NiftiSourceParams] = field(
-        default_factory=dict, metadata={"help": "nifti source: named datasets that domains refer to"})
-    test_case_fraction: float = field(
-        default=0.2, metadata={"gt": 0.0, "lt": 1.0,
-                               "help": "nifti source: share of each dataset's cases held out for testing"})
-    allow_repeat: bool = field(
-        default=False, metadata={"help": "nifti source: reuse slices when a hospital's stream runs out"})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "generated-data cache (default $SIMLAB_CACHE or ~/.cache/simlab)"})
-
-    def check(self):
-        problems = []
-        if self.source == "nifti" and not self.datasets:
-            problems.append(("datasets", "source 'nifti' needs at least one dataset"))
-        return problems
-
-
-@dataclass(frozen=True)
-class DomainSpec:
-    scanner: ScannerParams = field(default_factory=ScannerParams)
-    population: PopulationParams = field(default_factory=PopulationParams)
-    dataset: str | None = field(default=None, metadata={"help": "nifti source: name under data.datasets"})
-
-
-@dataclass(frozen=True)
-class DriftSpec:
-    """How a hospital's domain changes over rounds (the methods are never told).
-
-    none: ``domain`` throughout. abrupt: ``domains[0]`` until ``at[0]``, then ``domains[1]`` … (A→B→A
-    is abrupt with three entries). recurring: cycles through ``domains``, ``period`` rounds each.
-    gradual: ``domains[0]`` until ``start``, ``domains[1]`` from ``end``, in between either a mixture
-    whose share of ``domains[1]`` grows linearly (mode mix) or images whose scanner and population
-    parameters are interpolated (mode interpolate). population: a mixture of cohorts whose weights move
-    linearly from ``weights_start`` (at ``start``) to ``weights_end`` (at ``end``).
-    """
-
-    type: Literal["none", "abrupt", "recurring", "gradual", "population"] = "none"
-    domain: str | None = None
-    domains: list[str] = field(default_factory=list)
-    at: list[int] = field(default_factory=list)
-    period: int | None = field(default=None, metadata={"ge": 1})
-    start: int = field(default=1, metadata={"ge": 1})
-    end: int = field(default=1, metadata={"ge": 1})
-    mode: Literal["mix", "interpolate"] = "mix"
-    weights_start: list[float] = field(default_factory=list)
-    weights_end: list[float] = field(default_factory=list)
-
-    def check(self):
-        p = []
-        need = {"none": 0, "abrupt": 2, "recurring": 2, "gradual": 2, "population": 2}[self.type]
-        if self.type == "none":
-            if not self.domain:
-                p.append(("domain", "drift type 'none' needs 'domain'"))
-            return p
-        if len(self.domains) < need:
-            p.append(("domains", f"drift type '{self.type}' needs at least {need} domains"))
-        if self.type == "abrupt":
-            if len(self.at) != len(self.domains) - 1:
-                p.append(("at", f"expected {max(len(self.domains) - 1, 0)} switch rounds (one per change), "
-                                f"found {len(self.at)}"))
-            elif any(b <= a for a, b in zip(self.at, self.at[1:])) or any(r < 2 for r in self.at):
-                p.append(("at", f"switch rounds must be increasing and >= 2, found {self.at}"))
-        if self.type == "recurring" and self.period is None:
-            p.append(("period", "drift type 'recurring' needs 'period' (rounds per visit)"))
-        if self.type == "gradual":
-            if len(self.domains) != 2:
-                p.append(("domains", f"gradual drift goes from one domain to another: 2 domains, found {len(self.domains)}"))
-            if self.end <= self.start:
-                p.append(("end", f"expected end > start ({self.start}), found {self.end}"))
-        if self.type == "population":
-            for key in ("weights_start", "weights_end"):
-                w = getattr(self, key)
-                if len(w) != len(self.domains):
-                    p.append((key, f"expected {len(self.domains)} weights (one per domain), found {len(w)}"))
-                elif any(x < 0 for x in w) or sum(w) <= 0:
-                    p.append((key, f"weights must be >= 0 with a positive sum, found {w}"))
-            if self.end < self.start:
-                p.append(("end", f"expected end >= start ({self.start}), found {self.end}"))
-        return p
-
-    def referenced_domains(self) -> list[str]:
-        return [self.domain] if self.type == "none" and self.domain else list(self.domains)
-
-
-@dataclass(frozen=True)
-class HospitalSpec:
-    id: str
-    drift: DriftSpec
-    size: int = field(default=32, metadata={"ge": 1, "help": "training images in each round's window"})
-    label_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0,
-                                                         "help": "share of window images with labels"})
-    corruption: Literal["none", "swap_labels", "random_labels"] = field(
-        default="none",
-        metadata={"help": "a broken hospital: swap_labels exchanges the foreground classes (1<->2), "
-                          "random_labels draws every pixel's label at random; training labels only"})
-    corruption_fraction: float = field(default=1.0, metadata={"ge": 0.0, "le": 1.0,
-                                                              "help": "share of training images corrupted"})
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    num_res_units: int = field(default=1, metadata={"ge": 0})
-    dropout: float = field(default=0.0, metadata={"ge": 0.0, "lt": 1.0})
-
-    def check(self):
-        if len(self.channels) < 2 or any(c < 1 for c in self.channels):
-            return [("channels", f"expected at least 2 positive channel counts, found {self.channels}")]
-        return []
 
 
 @dataclass(frozen=True)
@@ -154,27 +37,6 @@ class FederationSpec:
                                                               "help": "at the start, wait at most this long for every "
                                                                       "hospital's node to connect"})
     min_replies: int = field(default=1, metadata={"ge": 1, "help": "fewer replies: the round is skipped"})
-
-
-@dataclass(frozen=True)
-class EwcParams:
-    """Online EWC with a diagonal Fisher, kept by each hospital (never shared)."""
-
-    strength: float = field(default=100.0, metadata={"ge": 0.0, "help": "lambda of the quadratic penalty"})
-    decay: float = field(default=0.9, metadata={"ge": 0.0, "le": 1.0,
-                                                "help": "online EWC: F <- decay*F + F_window after each round"})
-    fisher_batches: int = field(default=4, metadata={"ge": 1, "help": "batches used to estimate the Fisher"})
-
-
-@dataclass(frozen=True)
-class ContinualSpec:
-    method: Literal["sequential", "joint", "ewc", "odex"] = field(
-        default="sequential",
-        metadata={"help": "sequential: train the global model on each window; joint: UPPER BOUND that "
-                          "breaks the no-rehearsal rule on purpose (trains on every window seen so far); "
-                          "ewc: online EWC; odex: model pool with Mahalanobis shift detection"})
-    odex: OdexParams = field(default_factory=OdexParams)
-    ewc: EwcParams = field(default_factory=EwcParams)
 
 
 @dataclass(frozen=True)
@@ -281,8 +143,9 @@ class Scenario:
         cpr = self.federation.clients_per_round
         if cpr is not None and cpr > len(self.hospitals):
             p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
-        if self.continual.method == "odex" and self.augmentation.frequency.enabled:
-            p.append(("augmentation.frequency.enabled", "frequency augmentation is not combined with the ODEx pool"))
+        if self.augmentation.frequency.enabled and not method_class(self.continual).with_frequency_augmentation:
+            p.append(("augmentation.frequency.enabled",
+                      f"frequency augmentation is not combined with continual method {self.continual.method!r}"))
         names = [a.name for a in self.arms]
         for i, a in enumerate(self.arms):
             if names.count(a.name) > 1:
@@ -304,17 +167,6 @@ class Scenario:
     @property
     def num_classes(self) -> int:
         return num_classes_of(self.data)
-
-
-def num_classes_of(data: DataSpec) -> int:
-    """3 for the phantom; for NIfTI the largest label count over the datasets (after label_map)."""
-    if data.source == "phantom":
-        return 3
-    from simlab.data.nifti import read_dataset_json
-
-    counts = [len(set(ds.label_map.values()) | {0}) if ds.label_map else len(read_dataset_json(ds.root).labels)
-              for ds in data.datasets.values()]
-    return max(counts)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from flwr.app import RecordDict
 
 from simlab.continual.mahalanobis import ShiftParams
 from simlab.continual.odex import Entry, fit_entry
-from simlab.federated.messages import pack_histories, records_nbytes, unpack_histories
+from simlab.federated.codec import pack_histories, records_nbytes, unpack_histories
 
 
 def _entry(rng: np.random.Generator, t: int, channels: int = 4, distance: str = "squared") -> Entry:

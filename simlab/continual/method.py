@@ -1,0 +1,95 @@
+"""The continual-method plug-in: what a hospital does with one round's window, and the hooks a
+method uses to change it. No Flower here; :mod:`simlab.continual.registry` lists the methods.
+
+A method is one class. It declares
+
+- ``name`` (the scenario's ``continual.method``), ``help`` and ``family`` (how reports group it:
+  ``baseline``, ``regularisation``, ``distillation``, ``expansion``, ``rehearsal``);
+- ``Params``: a frozen dataclass of its hyperparameters (scenario section ``continual.<name>``), or None;
+- ``keeps_state``: whether it carries hospital-private state from round to round (saved at the
+  hospital, never sent; :meth:`after_round` returns it);
+- ``breaks_no_rehearsal``: whether it revisits old images (a reference, never a deployable method);
+- ``server``: which federation runs it — ``"global"`` (one shared model) or ``"pool"`` (a model pool
+  with shift detection, ODEx);
+- ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it.
+
+and overrides the hooks it needs. :meth:`local_update` calls them in this order, in the spirit of
+Avalanche's strategy plugins::
+
+    rounds = training_rounds(t, state)            # which windows to train on (only t, unless rehearsal)
+    before_training(model, state, cfg)            # e.g. keep the received model as a teacher
+    for each optimiser step:                      # simlab.continual.training.train_local
+        loss = segmentation loss(logits, y) [+ loss_term(model, x, y, logits)]
+        step; after_step(model)
+    state = after_round(model, images, labels, rounds, state, cfg, seed)
+
+A method never reads a window's true domain: it gets images and labels only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from simlab.continual.training import TrainConfig, train_local
+
+
+@dataclass
+class LocalResult:
+    metrics: dict[str, float]
+    state: dict[str, np.ndarray]  # hospital-private state carried to the next round (never shared)
+
+
+class Method:
+    name: ClassVar[str]
+    help: ClassVar[str] = ""
+    family: ClassVar[str] = "baseline"
+    Params: ClassVar[type | None] = None
+    keeps_state: ClassVar[bool] = False
+    breaks_no_rehearsal: ClassVar[bool] = False
+    server: ClassVar[str] = "global"
+    with_frequency_augmentation: ClassVar[bool] = True
+
+    def __init__(self, params=None):
+        self.params = params
+
+    # ------------------------------------------------------------------ hooks
+    def training_rounds(self, t: int, state: dict[str, np.ndarray]) -> list[int]:
+        """The rounds whose windows this round trains on (default: this round's only)."""
+        return [t]
+
+    def before_training(self, model: torch.nn.Module, state: dict[str, np.ndarray], cfg: TrainConfig) -> None:
+        """Called with the received model before the first step."""
+
+    def loss_term(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  logits: torch.Tensor) -> torch.Tensor | None:
+        """An extra loss added to the segmentation loss of this batch (None: nothing added). ``x`` is
+        the batch as the network saw it (augmented if augmentation is on), ``logits`` its output."""
+        return None
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Called after every optimiser step."""
+
+    def after_round(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, rounds: list[int],
+                    state: dict[str, np.ndarray], cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
+        """The state to carry to the next round (empty unless ``keeps_state``); ``images``/``labels``
+        are what this round trained on, ``rounds`` the windows they came from."""
+        return {}
+
+    # ------------------------------------------------------------------ the round
+    def local_update(self, model: torch.nn.Module, windows, t: int, state: dict[str, np.ndarray],
+                     cfg: TrainConfig, seed: int, augment=None) -> LocalResult:
+        """Train ``model`` in place on the labelled images of ``windows(r)`` for the rounds
+        :meth:`training_rounds` names; ``windows`` maps a round to that round's window."""
+        rounds, xs, ys = self.training_rounds(t, state), [], []
+        for r in rounds:
+            w = windows(r)
+            xs.append(w.images[w.labeled])
+            ys.append(w.labels[w.labeled])
+        images, labels = np.concatenate(xs), np.concatenate(ys)
+        self.before_training(model, state, cfg)
+        metrics = train_local(model, images, labels, cfg, seed, augment=augment, hooks=self)
+        return LocalResult(metrics, self.after_round(model, images, labels, rounds, state, cfg, seed))

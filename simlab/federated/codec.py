@@ -1,0 +1,333 @@
+"""The wire format: the only module that knows Flower's record names and keys.
+
+Every message between the server and a hospital is one of the typed requests and replies below;
+:func:`encode` turns one into a Flower ``RecordDict`` and the ``decode_*`` functions turn a
+``RecordDict`` back. Record names: ``config`` (a ConfigRecord), ``metrics`` (MetricRecord),
+``arrays`` (the model), ``m<id>`` (pool members, evaluation), ``hist.<j>`` (ODEx histories, stacked),
+``entry`` (a window's statistics), ``shift`` (a window's scores), ``bank`` (FedDG amplitude blocks).
+``fb.`` is the prefix of an entry's first-block arrays, which never travel up: the server adds the
+first block it sent.
+
+Message kinds (Flower message types): ``query`` identify, ``query.bank`` FedDG amplitudes,
+``query.dice`` DiceEx's window Dice, ``train``, ``evaluate``.
+
+A model or history sent to many hospitals in one broadcast is converted once: pass the same
+:class:`Encoder` to every :func:`encode` of the broadcast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+from simlab.continual.odex import Entry
+
+State = dict[str, np.ndarray]
+
+IDENTIFY, BANK, DICE = MessageType.QUERY, f"{MessageType.QUERY}.bank", f"{MessageType.QUERY}.dice"
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+
+FIRST_BLOCK = "fb."
+
+
+# ------------------------------------------------------------------------------ arrays
+def to_array_record(state: State) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_array_record(record: ArrayRecord, like: State | None = None) -> State:
+    """Arrays back from a record. Transport may turn 0-d arrays (BatchNorm's num_batches_tracked) into
+    shape (1,); with ``like`` every array is given back the reference's shape (same size required)."""
+    out = {k: v.numpy() for k, v in record.items()}
+    if like is not None:
+        for k, ref in like.items():
+            if k in out and out[k].shape != ref.shape and out[k].size == ref.size:
+                out[k] = out[k].reshape(ref.shape)
+    return out
+
+
+def state_nbytes(state: State) -> int:
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def records_nbytes(records: dict[str, ArrayRecord]) -> int:
+    return int(sum(v.numpy().nbytes for r in records.values() for v in r.values()))
+
+
+def pack_histories(histories: dict[int, list]) -> dict[str, ArrayRecord]:
+    """ODEx member histories (entries carry their first block) as few records: entries whose arrays
+    have the same names, shapes and dtypes (normally all of them) go into one record ``hist.<j>``
+    holding each array stacked over the entries, with ``member`` and ``index`` (position in the
+    member's history). A record costs per array, not per byte, when it is built and read, so this
+    stays cheap while histories grow to hundreds of entries."""
+    groups: dict[tuple, list[tuple[int, int, dict[str, np.ndarray]]]] = {}
+    for m, entries in histories.items():
+        for i, e in enumerate(entries):
+            arrays = e.to_arrays()
+            signature = tuple((k, v.shape, v.dtype.str) for k, v in arrays.items())
+            groups.setdefault(signature, []).append((m, i, arrays))
+    out = {}
+    for j, group in enumerate(groups.values()):
+        stacked = {k: np.stack([arrays[k] for *_, arrays in group]) for k in group[0][2]}
+        stacked["member"] = np.array([m for m, *_ in group], dtype=np.int64)
+        stacked["index"] = np.array([i for _, i, _ in group], dtype=np.int64)
+        out[f"hist.{j}"] = to_array_record(stacked)
+    return out
+
+
+def unpack_histories(content) -> dict[int, list]:
+    """The histories :func:`pack_histories` packed, member → entries in history order."""
+    found: dict[int, dict[int, object]] = {}
+    for key, record in content.array_records.items():
+        if not key.startswith("hist."):
+            continue
+        arrays = from_array_record(record)
+        members, index = arrays.pop("member"), arrays.pop("index")
+        for j, (m, i) in enumerate(zip(members.tolist(), index.tolist())):
+            found.setdefault(m, {})[i] = Entry.from_arrays({k: v[j] for k, v in arrays.items()})
+    return {m: [entries[i] for i in sorted(entries)] for m, entries in sorted(found.items())}
+
+
+class Encoder:
+    """Converts each model and history set once per broadcast (keyed by object identity; the encoder
+    keeps the objects alive, so an identity is never reused while it lives)."""
+
+    def __init__(self):
+        self._memo: dict[int, tuple[object, object]] = {}
+
+    def _once(self, obj, make):
+        key = id(obj)
+        if key not in self._memo:
+            self._memo[key] = (obj, make(obj))
+        return self._memo[key][1]
+
+    def arrays(self, state: State) -> ArrayRecord:
+        return self._once(state, to_array_record)
+
+    def histories(self, histories: dict[int, list[Entry]]) -> dict[str, ArrayRecord]:
+        return self._once(histories, pack_histories)
+
+
+# ------------------------------------------------------------------------------ requests
+@dataclass
+class Identify:
+    hospital_ids: list[str]
+    state: dict = field(default_factory=dict)  # where hospitals save method state (see Train.state)
+
+
+@dataclass
+class Query:
+    """``query.bank`` (FedDG amplitudes of round t's window) or ``query.dice`` (DiceEx: the Dice of
+    ``model`` on round t's window)."""
+
+    round: int
+    task: str
+    model: State | None = None
+
+
+@dataclass
+class Train:
+    round: int
+    task: str  # the hospital's task (JSON, :mod:`simlab.scenario.task`)
+    model: State
+    state: dict = field(default_factory=dict)  # state-key, state-dir, state-round (hospital-side method state)
+    member: int | None = None  # ODEx detect mode: the member ``model`` is
+    histories: dict[int, list[Entry]] | None = None  # ODEx detect mode: score the window first
+    bank: dict[str, State] | None = None  # FedDG: hospital → amplitude blocks
+    want_entry: bool = False  # ODEx: return the window's statistics
+
+
+@dataclass
+class Evaluate:
+    round: int
+    task: str
+    model: State | None = None  # one deployed model, or:
+    members: dict[int, State] | None = None  # an ODEx pool, routed by its histories
+    histories: dict[int, list[Entry]] | None = None
+    oracle: dict[str, int] | None = None  # true domain → member trained on it most (evaluation only)
+
+
+# ------------------------------------------------------------------------------ replies
+@dataclass
+class IdentifyReply:
+    hospital_id: str
+
+
+@dataclass
+class BankReply:
+    blocks: np.ndarray
+
+
+@dataclass
+class DiceReply:
+    dice: float
+
+
+@dataclass
+class TrainReply:
+    model: State | None  # None: the window belongs to another member (scores only)
+    metrics: dict[str, float] = field(default_factory=dict)
+    entry: Entry | None = None  # without its first block (``fb.``) when encoded
+    shift: dict | None = None  # member id → window scores ``m<id>``, ``member``, ``score_s``
+
+
+@dataclass
+class EvaluateReply:
+    metrics: dict[str, float]
+
+
+# ------------------------------------------------------------------------------ encoding
+def _metrics(values: dict[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items()})
+
+
+def encode(msg, enc: Encoder | None = None) -> RecordDict:
+    """The RecordDict of a request or reply."""
+    enc = enc or Encoder()
+    if isinstance(msg, Identify):
+        return RecordDict({"config": ConfigRecord({"hospital-ids": list(msg.hospital_ids), **msg.state})})
+    if isinstance(msg, IdentifyReply):
+        return RecordDict({"config": ConfigRecord({"hospital-id": msg.hospital_id})})
+    if isinstance(msg, Query):
+        content = RecordDict({"config": ConfigRecord({"round": msg.round, "task": msg.task})})
+        if msg.model is not None:
+            content["arrays"] = enc.arrays(msg.model)
+        return content
+    if isinstance(msg, BankReply):
+        return RecordDict({"bank": to_array_record({"blocks": msg.blocks})})
+    if isinstance(msg, DiceReply):
+        return RecordDict({"metrics": _metrics({"dice": msg.dice})})
+    if isinstance(msg, Train):
+        return _encode_train(msg, enc)
+    if isinstance(msg, TrainReply):
+        return _encode_train_reply(msg)
+    if isinstance(msg, Evaluate):
+        return _encode_evaluate(msg, enc)
+    if isinstance(msg, EvaluateReply):
+        return RecordDict({"metrics": _metrics(msg.metrics)})
+    raise TypeError(f"not a simlab message: {type(msg).__name__}")
+
+
+def _encode_train(msg: Train, enc: Encoder) -> RecordDict:
+    config = {"round": msg.round, "task": msg.task, **msg.state}
+    if msg.member is not None:
+        config["member"] = msg.member
+    if msg.want_entry:
+        config["entry"] = True
+    content = RecordDict({"arrays": enc.arrays(msg.model), **(enc.histories(msg.histories) if msg.histories else {})})
+    if msg.bank is not None:
+        content["bank"] = enc.arrays(msg.bank)
+    content["config"] = ConfigRecord(config)
+    return content
+
+
+def _encode_train_reply(msg: TrainReply) -> RecordDict:
+    content = RecordDict({})
+    if msg.model is not None:
+        content["arrays"] = to_array_record(msg.model)
+        content["metrics"] = _metrics({**msg.metrics, "num-examples": msg.metrics["num_examples"]})
+    if msg.entry is not None:
+        content["entry"] = to_array_record({k: v for k, v in msg.entry.to_arrays().items()
+                                            if not k.startswith(FIRST_BLOCK)})
+    if msg.shift is not None:
+        content["shift"] = MetricRecord(msg.shift)
+    return content
+
+
+def _encode_evaluate(msg: Evaluate, enc: Encoder) -> RecordDict:
+    config: dict = {"round": msg.round, "task": msg.task}
+    if msg.members is None:
+        return RecordDict({"arrays": enc.arrays(msg.model), "config": ConfigRecord(config)})
+    records = {f"m{m}": enc.arrays(state) for m, state in msg.members.items()}
+    config.update(members=[int(m) for m in msg.members], oracle=json.dumps(msg.oracle or {}))
+    return RecordDict({**records, **enc.histories(msg.histories or {}), "config": ConfigRecord(config)})
+
+
+def histories_nbytes(histories: dict[int, list[Entry]]) -> int:
+    """Bytes of :func:`pack_histories`' records without packing: every entry's arrays, plus its
+    member and index (int64 each)."""
+    return int(sum(v.nbytes for h in histories.values() for e in h for v in e.to_arrays().values())
+               + 16 * sum(len(h) for h in histories.values()))
+
+
+def broadcast_nbytes(msg: Train | Evaluate) -> int:
+    """Array bytes a request carries (models, pool members, histories, bank), as counted in rounds.jsonl."""
+    n = state_nbytes(msg.model) if msg.model is not None else 0
+    if isinstance(msg, Evaluate) and msg.members is not None:
+        n += sum(state_nbytes(s) for s in msg.members.values())
+    if msg.histories:
+        n += histories_nbytes(msg.histories)
+    if isinstance(msg, Train) and msg.bank is not None:
+        n += state_nbytes(msg.bank)
+    return n
+
+
+# ------------------------------------------------------------------------------ decoding
+def decode_identify(content: RecordDict) -> Identify:
+    cfg = content["config"]
+    return Identify([str(h) for h in cfg["hospital-ids"]], {k: cfg[k] for k in cfg if k != "hospital-ids"})
+
+
+def decode_query(content: RecordDict) -> Query:
+    cfg = content["config"]
+    model = from_array_record(content["arrays"]) if "arrays" in content else None
+    return Query(int(cfg["round"]), str(cfg["task"]), model)
+
+
+def decode_train(content: RecordDict) -> Train:
+    cfg = content["config"]
+    state = {k: cfg[k] for k in ("state-key", "state-dir", "state-round") if k in cfg}
+    bank = from_array_record(content["bank"]) if "bank" in content else None
+    return Train(int(cfg["round"]), str(cfg["task"]), from_array_record(content["arrays"]), state,
+                 member=int(cfg["member"]) if "member" in cfg else None,
+                 histories=unpack_histories(content) or None, bank=bank, want_entry="entry" in cfg)
+
+
+def decode_evaluate(content: RecordDict) -> Evaluate:
+    cfg = content["config"]
+    if "members" not in cfg:
+        return Evaluate(int(cfg["round"]), str(cfg["task"]), model=from_array_record(content["arrays"]))
+    members = {int(m): from_array_record(content[f"m{int(m)}"]) for m in cfg["members"]}
+    return Evaluate(int(cfg["round"]), str(cfg["task"]), members=members, histories=unpack_histories(content),
+                    oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()})
+
+
+def decode_train_reply(content: RecordDict, like: State, first_block: State | None = None) -> TrainReply:
+    """``like``: the model sent (shapes); ``first_block``: the first block sent, re-attached to the entry."""
+    model = from_array_record(content["arrays"], like=like) if "arrays" in content else None
+    metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
+    entry = None
+    if "entry" in content:
+        fb = {f"{FIRST_BLOCK}{k}": v for k, v in (first_block or {}).items()}
+        entry = Entry.from_arrays({**fb, **from_array_record(content["entry"])})
+    return TrainReply(model, metrics, entry, decode_shift(content))
+
+
+def decode_shift(content: RecordDict) -> dict | None:
+    """The window scores of a train reply (ODEx detect mode), None without."""
+    return dict(content["shift"]) if "shift" in content else None
+
+
+def window_scores(shift: dict) -> dict[int, np.ndarray]:
+    """Member id → the window's per-entry scores, from a train reply's ``shift``."""
+    return {int(k[1:]): np.asarray(v, dtype=np.float64) for k, v in shift.items() if k[0] == "m" and k[1:].isdigit()}
+
+
+def entry_nbytes(content: RecordDict) -> int:
+    """Bytes of the window statistics a train reply carries (0 without)."""
+    return records_nbytes({"entry": content["entry"]}) if "entry" in content else 0
+
+
+def decode_metrics(content: RecordDict) -> dict[str, float]:
+    return {k: float(v) for k, v in content["metrics"].items()}
+
+
+def decode_bank(content: RecordDict) -> np.ndarray:
+    return from_array_record(content["bank"])["blocks"]
+
+
+def decode_identify_reply(content: RecordDict) -> str:
+    return str(content["config"]["hospital-id"])

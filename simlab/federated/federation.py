@@ -1,0 +1,313 @@
+"""The federation of one arm: orchestrates rounds with Flower's Message API (Grid.send_and_receive).
+
+A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
+part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
+arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) by
+sending ``evaluate`` to every hospital → write a checkpoint (:mod:`simlab.checkpoint`). The true
+domain of each window comes from the scenario's drift schedule and is used for evaluation and logging
+only; it is never sent to a hospital.
+
+Resuming (``resume=True``): the arm's checkpoint is loaded, metrics.jsonl and rounds.jsonl are cut
+back to their lengths at that checkpoint, and the run goes on with the next round. An arm with no
+checkpoint starts from the beginning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+
+import numpy as np
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
+from simlab.continual.registry import method_class
+from simlab.data.drift import true_domains
+from simlab.aggregation import EmptyAggregation, aggregate
+from simlab.federated import codec
+from simlab.federated.codec import state_nbytes
+from simlab.models.unet import build_model, state_to_numpy, trainable_keys
+from simlab.runlog import RunLog
+from simlab.scenario.task import task_json, task_of
+from simlab.config import to_plain
+from simlab.scenario.schema import Scenario
+from simlab.seeding import derive_seed, rng, seed_everything
+
+log = logging.getLogger("simlab")
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+def evaluation_rounds(scenario: Scenario) -> list[int]:
+    """Round 0 (initial model), every k rounds, the last round of every stage of every hospital, the end."""
+    T = scenario.federation.rounds
+    rounds = {0, T} | {t for t in range(1, T + 1) if t % scenario.evaluation.every == 0}
+    if scenario.evaluation.at_boundaries:
+        for h in scenario.hospitals:
+            doms = true_domains(h.drift, T)
+            rounds |= {t for t in range(1, T) if doms[t] != doms[t - 1]}  # round t = last of its stage
+    return sorted(rounds)
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of {n} hospitals connected within {timeout:.0f} s "
+                                  f"(federation.connect_timeout_s)")
+        time.sleep(0.2)
+
+
+def settings_hash(scenario: Scenario) -> str:
+    """Hash of everything that decides an arm's results (the output section aside)."""
+    plain = to_plain(scenario)
+    plain.pop("output", None)
+    plain.get("data", {}).pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Federation:
+    def __init__(self, grid: Grid, scenario: Scenario, runlog: RunLog, *, resume: bool = False,
+                 hospital_state_dir: str | None = None):
+        self.grid = grid
+        self.sc = scenario
+        self.log = runlog
+        self.ids = [h.id for h in scenario.hospitals]
+        self.parts = {h: task_json(task_of(scenario, h)) for h in self.ids}
+        self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
+        self.timeout = scenario.federation.round_timeout_s
+        self.bank: dict[str, np.ndarray] = {}
+        self.resume = resume
+        self.ckpt = checkpoint_path(runlog.run_dir, runlog.arm) if scenario.output.checkpoint else None
+        # hospital-side state (EWC, joint) is saved at the hospital when it must survive a restart;
+        # in simulation the server names the directory (every hospital shares this machine)
+        self.saves_state = self.ckpt is not None and method_class(scenario.continual).keeps_state
+        self.hospital_state_dir = hospital_state_dir
+        self.last_trained: dict[str, int] = {}  # hospital → last round whose update reached the server
+        self.run_key = ""
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ messaging
+    def _send(self, kind: str, targets: list[str], requests: dict) -> dict[str, Message]:
+        """Send each target its request (one :class:`codec.Encoder` for the broadcast, so a model sent
+        to many hospitals is converted once); the replies in hospital order."""
+        enc = codec.Encoder()
+        msgs = [Message(codec.encode(requests[h], enc), dst_node_id=self.node_of[h], message_type=kind)
+                for h in targets]
+        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
+        by_node = {self.node_of[h]: h for h in targets}
+        out = {}
+        for reply in replies:
+            h = by_node.get(reply.metadata.src_node_id)
+            if h is not None:
+                out[h] = reply
+        return dict(sorted(out.items(), key=lambda kv: self.ids.index(kv[0])))
+
+    def identify(self) -> None:
+        nodes = wait_for_nodes(self.grid, len(self.ids), self.sc.federation.connect_timeout_s)
+        ask = codec.encode(codec.Identify(self.ids, self.state_config()))
+        msgs = [Message(ask, dst_node_id=n, message_type=codec.IDENTIFY) for n in nodes]
+        self.node_of: dict[str, int] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                raise FederationError(f"node {reply.metadata.src_node_id} could not identify its hospital: "
+                                      f"{reply.error.reason}")
+            hid = codec.decode_identify_reply(reply.content)
+            if hid in self.node_of:
+                raise FederationError(f"two nodes claim hospital {hid!r}")
+            self.node_of[hid] = reply.metadata.src_node_id
+        missing = [h for h in self.ids if h not in self.node_of]
+        if missing:
+            raise FederationError(f"no node answered for hospital(s) {', '.join(missing)}")
+
+    def state_config(self, h: str | None = None) -> dict:
+        """Where and under which key a hospital saves its method state, and (per hospital) which
+        round's state continues the run. Empty when nothing has to be saved."""
+        if not self.saves_state:
+            return {}
+        cfg = {"state-key": self.run_key}
+        if self.hospital_state_dir:
+            cfg["state-dir"] = self.hospital_state_dir
+        if h is not None:
+            cfg["state-round"] = self.last_trained.get(h, 0)
+        return cfg
+
+    wants_entry = False  # whether train replies carry the window's statistics (the ODEx pool)
+
+    def train_request(self, h: str, t: int, model: dict[str, np.ndarray], **extra) -> codec.Train:
+        """A train message: the round, the hospital's task, its state key, the model to train."""
+        return codec.Train(t, self.parts[h], model, self.state_config(h), want_entry=self.wants_entry, **extra)
+
+    # ------------------------------------------------------------------ phases
+    def evaluate(self, t: int, state: dict[str, np.ndarray]) -> int:
+        requests = {h: codec.Evaluate(t, self.parts[h], model=state) for h in self.ids}
+        self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))
+        return len(self.ids) * state_nbytes(state)
+
+    def _collect_eval(self, t: int, replies: dict[str, Message]) -> None:
+        for h, reply in replies.items():
+            if reply.has_error():
+                log.warning("round %d: evaluation failed at %s: %s", t, h, reply.error.reason)
+                self.log.metric(t, h, None, "eval_failed", 1.0)
+                continue
+            for key, value in sorted(codec.decode_metrics(reply.content).items()):
+                if "/" in key:
+                    metric, domain = key.split("/", 1)
+                    self.log.metric(t, h, domain, metric, value)
+
+    def train_replies(self, t: int, targets: list[str], requests: dict[str, codec.Train]
+                      ) -> tuple[dict[str, Message], list[str]]:
+        """Send ``train`` and keep the good replies (hospital order); failures are logged and listed."""
+        replies = self._send(codec.TRAIN, targets, requests)
+        ok, failed = {}, []
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply before the timeout" if reply is None else reply.error.reason
+                log.warning("round %d: %s failed: %s", t, h, reason)
+                self.log.metric(t, h, self.domains[h][t - 1], "train_failed", 1.0)
+                failed.append(h)
+            else:
+                ok[h] = reply
+        return ok, failed
+
+    def sample(self, t: int) -> list[str]:
+        """Hospitals of round t: a seeded sample, in hospital order."""
+        k = self.sc.federation.clients_per_round or len(self.ids)
+        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
+        return [self.ids[i] for i in chosen]
+
+    def setup_model(self, model, state: dict[str, np.ndarray]) -> None:
+        """Hook for methods that keep more than one model on the server."""
+
+    def share_amplitudes(self, t: int) -> int:
+        """FedDG bank: every hospital shares low-frequency amplitude blocks (never images or phases);
+        the server keeps the latest blocks of each and sends the bank with every train message."""
+        requests = {h: codec.Query(t, self.parts[h]) for h in self.ids}
+        up = 0
+        for h, reply in self._send(codec.BANK, self.ids, requests).items():
+            if reply.has_error():
+                log.warning("round %d: %s shared no amplitude blocks: %s", t, h, reply.error.reason)
+                continue
+            self.bank[h] = codec.decode_bank(reply.content)
+            up += self.bank[h].nbytes
+        return up
+
+    def train_round(self, t: int, state: dict[str, np.ndarray], keys: set[str]) -> tuple[dict, dict]:
+        fed = self.sc.federation
+        targets = self.sample(t)
+        bank, bank_bytes = None, 0
+        freq = self.sc.augmentation
+        if freq.frequency.enabled:
+            if not self.bank or (freq.frequency_refresh and (t - 1) % freq.frequency_refresh == 0):
+                bank_bytes += self.share_amplitudes(t)
+            bank = self.bank
+        requests = {h: self.train_request(h, t, state, bank=bank) for h in targets}
+        replies, failed = self.train_replies(t, targets, requests)
+        entries, up = [], 0
+        for h, reply in replies.items():
+            r = codec.decode_train_reply(reply.content, like=state)
+            self.last_trained[h] = t
+            up += state_nbytes(r.model)
+            self.log.metric(t, h, self.domains[h][t - 1], "train_loss", r.metrics["train_loss"])
+            entries.append((h, r.model, int(r.metrics["num-examples"])))
+        cost = {"sent": targets, "replied": [e[0] for e in entries], "failed": failed,
+                "bytes_down": sum(codec.broadcast_nbytes(requests[h]) for h in targets),
+                "bytes_up": up + bank_bytes, "bytes_bank": bank_bytes}
+        if len(entries) < fed.min_replies:
+            log.warning("round %d skipped: %d replies < min_replies %d", t, len(entries), fed.min_replies)
+            cost["skipped"] = True
+            return state, cost
+        try:
+            result = aggregate(entries, fed.aggregation, trainable_keys=keys, reference=state)
+        except EmptyAggregation as exc:
+            log.warning("round %d skipped: %s", t, exc)
+            cost["skipped"] = True
+            return state, cost
+        for h, reason in result.rejected.items():
+            log.warning("round %d: update of %s rejected: %s", t, h, reason)
+            self.log.metric(t, h, self.domains[h][t - 1], "update_rejected", 1.0)
+        for h, w in result.weights.items():
+            self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
+        return result.model, cost
+
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self, state: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        """What the server needs to continue after round t (subclasses add their own)."""
+        return {"last_trained": self.last_trained}, {**flat("model", state), **flat("bank", self.bank)}
+
+    def restore(self, meta: dict, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.last_trained = {h: int(t) for h, t in meta["last_trained"].items()}
+        self.bank = nest(arrays, "bank")
+        restored = nest(arrays, "model")
+        if list(restored) != list(state) or any(restored[k].shape != v.shape for k, v in state.items()):
+            raise CheckpointError(f"{self.ckpt}: its model does not match the scenario's model")
+        return restored
+
+    def save(self, t: int, state: dict[str, np.ndarray], started: float) -> None:
+        """Checkpoint after round t (t = -1: the arm's start, before any row was written)."""
+        if self.ckpt is None:
+            return
+        meta, arrays = self.snapshot(state) if t >= 0 else ({}, {})
+        meta.update(round=t, arm=self.log.arm, rounds=self.sc.federation.rounds, settings=settings_hash(self.sc),
+                    run_key=self.run_key, elapsed_s=self.elapsed + time.perf_counter() - started,
+                    **self.log.sizes())
+        save_checkpoint(self.ckpt, meta, arrays)
+
+    def load(self, state: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+        """Resume: (last completed round, state) from the arm's checkpoint; (-1, state) if none."""
+        if self.ckpt is None:
+            raise CheckpointError(f"arm {self.log.arm}: output.checkpoint is off, so there is nothing to resume from")
+        if not self.ckpt.exists():
+            return -1, state
+        meta, arrays = load_checkpoint(self.ckpt)
+        expected = {"arm": self.log.arm, "rounds": self.sc.federation.rounds, "settings": settings_hash(self.sc)}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise CheckpointError(f"{self.ckpt}: written for {key}={meta.get(key)!r}, but this run has "
+                                      f"{key}={value!r}; a run resumes only with the scenario it started with")
+        self.log.rewind(meta["metrics_bytes"], meta["rounds_bytes"])
+        self.run_key, self.elapsed = meta["run_key"], float(meta["elapsed_s"])
+        t = int(meta["round"])
+        if t >= 0:
+            state = self.restore(meta, arrays, state)
+        log.info("arm %s: resuming after round %d (checkpoint %s)", self.log.arm, t, self.ckpt)
+        return t, state
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, np.ndarray]:
+        sc = self.sc
+        started = time.perf_counter()
+        seed_everything(derive_seed(sc.seed, "init"))
+        model = build_model(sc.model, sc.num_classes)
+        state, keys = state_to_numpy(model), trainable_keys(model)
+        self.setup_model(model, state)
+        done, state = self.load(state) if self.resume else (-1, state)
+        if done < 0:
+            self.run_key = f"{self.log.arm}-{secrets.token_hex(6)}"  # names this run's saved hospital state
+            self.save(-1, state, started)
+        self.identify()
+        log.info("%d hospitals connected and identified", len(self.node_of))
+        eval_at = set(evaluation_rounds(sc))
+        if done < 0:
+            start = time.perf_counter()
+            self.evaluate(0, state)
+            self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True)
+            self.save(0, state, started)
+        for t in range(max(done, 0) + 1, sc.federation.rounds + 1):
+            start = time.perf_counter()
+            state, cost = self.train_round(t, state, keys)
+            if t in eval_at:
+                cost["bytes_down"] += self.evaluate(t, state)
+            self.log.round_cost(t, wall_time_s=time.perf_counter() - start, evaluated=t in eval_at, **cost)
+            self.save(t, state, started)
+        return state

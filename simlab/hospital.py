@@ -1,0 +1,214 @@
+"""One hospital, without Flower: its task, its stream, its device and its continual method.
+
+:class:`Hospital` is what a site does when the server asks: train the model it was sent on this
+round's window, evaluate a deployed model (or a routed ODEx pool) on every test domain, share FedDG
+amplitude blocks, score its window against a pool's histories. The ClientApp only decodes a message,
+calls one of these and encodes the reply; benchmarks and tests call the same object.
+
+Everything random derives from (scenario seed, purpose, hospital id, round), so a hospital gives the
+same bits in simulation, in a deployment and in a benchmark.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
+from simlab.continual.odex import Entry, decide, fit_entry, route
+from simlab.continual.odex_features import ScoreCache, pool_scores, window_features
+from simlab.continual.registry import make_method
+from simlab.continual.training import TrainConfig, pick_device
+from simlab.data.streams import DataFactory, HospitalStream
+from simlab.metrics.segmentation import dice_per_class, predict
+from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
+from simlab.scenario.task import HospitalTask
+from simlab.seeding import derive_seed
+
+State = dict[str, np.ndarray]
+
+
+def train_config(task: HospitalTask, device: str) -> TrainConfig:
+    """The local optimiser settings of a task (the one place a TrainConfig is made from a scenario)."""
+    fed, aug = task.federation, task.augmentation
+    return TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
+                       epochs=fed.local_epochs, flip=aug.flip, device=device,
+                       episodic=aug.frequency.enabled and aug.frequency.episodic)
+
+
+@dataclass
+class TrainOutcome:
+    state: State  # the trained model
+    metrics: dict[str, float]
+    method_state: State  # hospital-private, carried to the next round (never sent)
+    entry: Entry | None  # ODEx: the window's statistics under the received model (first block left out)
+
+
+# Scores and features of images this process has scored before, by content (test sets at every
+# evaluation; in simulation one long-lived worker process serves several hospitals, which evaluate on the
+# same test sets). A hit returns the bits a cold computation would; a process that lives for one message
+# (a deployment) never hits. 64 MiB holds the features and scores of thousands of (entry, test set) pairs.
+_SCORES = ScoreCache(max_bytes=64 << 20)
+_TEMPLATES: dict[tuple[str, int, str], torch.nn.Module] = {}
+_TEMPLATE_LOCK = threading.Lock()
+
+
+class Hospital:
+    def __init__(self, task: HospitalTask):
+        self.task = task
+        self.id = task.hospital.id
+        self.factory = DataFactory(task.data, task.domains, task.seed, task.evaluation.test_size)
+        self.stream = HospitalStream(self.factory, task.hospital)
+        self.method = make_method(task.continual)
+
+    # ------------------------------------------------------------------ set-up
+    def device(self) -> str:
+        """Torch threads and determinism as the task says, and the device to use."""
+        threads = max(1, int(self.task.engine.cpus_per_client))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(self.task.engine.deterministic, warn_only=True)
+        return pick_device(self.task.engine.device)
+
+    def model(self, state: State, device: str) -> torch.nn.Module:
+        model = build_model(self.task.model, self.task.num_classes)
+        load_numpy_state(model, state)
+        return model.to(device)
+
+    def _seed(self, purpose: str, t: int) -> int:
+        return derive_seed(self.task.seed, purpose, self.id, t)
+
+    # ------------------------------------------------------------------ training
+    def train(self, state: State, t: int, method_state: State, bank: dict[str, np.ndarray] | None = None,
+              want_entry: bool = False) -> TrainOutcome:
+        """Train the received model on round t's window with the task's continual method; ``bank``: the
+        FedDG amplitude bank (hospital → blocks) when augmentation is on; ``want_entry``: also return the
+        window's statistics under the received model's first block (computed before training)."""
+        device = self.device()
+        model = self.model(state, device)
+        entry = self.window_entry(model, t, device) if want_entry else None
+        result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
+                                          seed=self._seed("train", t), augment=self._augmenter(bank, t))
+        return TrainOutcome(state_to_numpy(model), result.metrics, result.state, entry)
+
+    def _augmenter(self, bank: dict[str, np.ndarray] | None, t: int) -> FrequencyAugmenter | None:
+        if not self.task.augmentation.frequency.enabled or bank is None:
+            return None
+        gen = torch.Generator().manual_seed(self._seed("augment", t))
+        return FrequencyAugmenter(self.task.augmentation.frequency, {h: torch.from_numpy(a) for h, a in bank.items()},
+                                  self.id, gen)
+
+    def amplitudes(self, t: int) -> np.ndarray:
+        """FedDG: low-frequency amplitude blocks of a sample of round t's window. Only these blocks leave
+        the hospital; images and phases never do."""
+        window = self.stream.window(t)
+        return make_bank_entries(torch.from_numpy(window.images), self.task.augmentation.frequency,
+                                 np.random.default_rng(self._seed("bank", t))).numpy()
+
+    # ------------------------------------------------------------------ ODEx
+    def window_entry(self, model: torch.nn.Module, t: int, device: str) -> Entry:
+        """Statistics of round t's whole window (labelled or not) under ``model``'s first block; the
+        server adds the first-block weights it sent."""
+        odex = self.task.continual.odex
+        z = window_features(model, odex.features, self.stream.window(t).images, device=device)
+        return fit_entry(z, {}, odex.shift, t)
+
+    def window_decision(self, histories: dict[int, list[Entry]], t: int) -> dict[str, float | list[float]]:
+        """Round t's window's mean normalised score under every entry of every member (``m<id>``), the
+        member :func:`~simlab.continual.odex.decide` picks (``member``) and the scoring time (``score_s``)."""
+        start = time.perf_counter()
+        scored = self.scores(histories, self.stream.window(t).images, self.device())
+        means = {m: s.mean(axis=1) for m, s in scored.items()}
+        d = decide(means, histories, self.task.continual.odex.shift)
+        return {**{f"m{m}": [float(v) for v in s] for m, s in means.items()}, "member": d.member,
+                "score_s": time.perf_counter() - start}
+
+    def scores(self, histories: dict[int, list[Entry]], images: np.ndarray, device: str) -> dict[int, np.ndarray]:
+        """Per-entry scores of ``images`` under every member's history. The model the entries' first
+        blocks are loaded into is built once per process and architecture, not per message: scoring
+        overwrites every first-block tensor it uses before using it, so what the template held before
+        does not matter (the lock keeps two messages of one process from sharing it at once)."""
+        odex, key = self.task.continual.odex, (repr(self.task.model), self.task.num_classes, str(device))
+        with _TEMPLATE_LOCK:
+            if key not in _TEMPLATES:
+                if len(_TEMPLATES) >= 4:
+                    _TEMPLATES.pop(next(iter(_TEMPLATES)))
+                _TEMPLATES[key] = build_model(self.task.model, self.task.num_classes).to(device)
+            return pool_scores(_TEMPLATES[key], odex.features, odex.shift, histories, images, device, cache=_SCORES)
+
+    # ------------------------------------------------------------------ evaluation
+    def window_dice(self, state: State, t: int) -> float:
+        """DiceEx: mean Dice of the received model on round t's labelled window, before training."""
+        device = self.device()
+        w = self.stream.window(t)
+        pred = predict(self.model(state, device), w.images[w.labeled], self.task.evaluation.batch_size, device)
+        target = torch.from_numpy(w.labels[w.labeled].astype(np.int64))
+        return float(dice_per_class(pred, target, self.task.num_classes).mean())
+
+    def test_sets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {domain: self.factory.test_set(domain) for domain in self.task.eval_domains}
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        """Dice of one deployed model on every test domain."""
+        device = self.device()
+        model, out = self.model(state, device), {}
+        for domain, (images, labels) in self.test_sets().items():
+            pred = predict(model, images, self.task.evaluation.batch_size, device)
+            _dice_rows(out, "dice", domain, dice_per_class(pred, torch.from_numpy(labels.astype(np.int64)),
+                                                           self.task.num_classes))
+        return out
+
+    def evaluate_pool(self, members: dict[int, State], histories: dict[int, list[Entry]],
+                      oracle: dict[str, int]) -> dict[str, float]:
+        """ODEx: each test image is routed to the member with the lowest score / threshold (``dice``),
+        and also sent to the member that trained most on the image's true domain (``dice_oracle``);
+        ``routing_purity`` is the share of a domain's images routed to that member."""
+        device, tests, bs = self.device(), self.test_sets(), self.task.evaluation.batch_size
+        models: dict[int, torch.nn.Module] = {}  # built when an image first needs one
+
+        def member(m: int) -> torch.nn.Module:
+            if m not in models:
+                models[m] = self.model(members[m], device)
+            return models[m]
+
+        routes, out = self._routes(histories, list(members), tests, device), {}
+        for domain, (images, labels) in tests.items():
+            target, routed = torch.from_numpy(labels.astype(np.int64)), routes[domain]
+            pred = torch.zeros_like(target)
+            for m in np.unique(routed):
+                sel = routed == m
+                pred[torch.from_numpy(sel)] = predict(member(int(m)), images[sel], bs, device)
+            _dice_rows(out, "dice", domain, dice_per_class(pred, target, self.task.num_classes))
+            if domain in oracle:  # only for domains some member has trained on
+                best = int(oracle[domain])
+                pred_o, other = pred.clone(), routed != best  # images routed to the oracle member are done
+                if other.any():
+                    pred_o[torch.from_numpy(other)] = predict(member(best), images[other], bs, device)
+                _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, self.task.num_classes))
+                out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
+        return out
+
+    def _routes(self, histories: dict[int, list[Entry]], pool_ids: list[int],
+                tests: dict[str, tuple[np.ndarray, np.ndarray]], device: str) -> dict[str, np.ndarray]:
+        """The member every test image is routed to. All test sets are scored in one pass: one model
+        set-up and one set of patch moments serve every history entry."""
+        scored = [m for m in pool_ids if histories.get(m)]
+        if not scored:
+            return {domain: np.full(len(images), pool_ids[0]) for domain, (images, _) in tests.items()}
+        sizes = [len(images) for images, _ in tests.values()]
+        per_entry = self.scores({m: histories[m] for m in scored},
+                                np.concatenate([images for images, _ in tests.values()]), device)
+        routed = route(per_entry, {m: histories[m] for m in scored}, self.task.continual.odex.shift)
+        bounds = np.cumsum([0] + sizes)
+        return {domain: routed[a:b] for domain, a, b in zip(tests, bounds[:-1], bounds[1:])}
+
+
+def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
+    out[f"{name}/{domain}"] = float(dice.mean())
+    if name == "dice":
+        for c in range(dice.shape[1]):
+            out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())
