@@ -13,6 +13,7 @@ from typing import Literal
 from simlab.config import assemble
 from simlab.continual.ewc import EWC
 from simlab.continual.joint import Joint
+from simlab.continual.lwf import LwF
 from simlab.continual.method import Method
 from simlab.continual.odex import Odex
 from simlab.continual.sequential import Sequential
@@ -22,6 +23,7 @@ METHODS: dict[str, type[Method]] = {
     "joint": Joint,
     "ewc": EWC,
     "odex": Odex,
+    "lwf": LwF,
 }
 
 ContinualSpec = assemble(
