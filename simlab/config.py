@@ -146,54 +146,55 @@ class _Builder:
         if tp is Any:
             return raw
         if origin in (Union, types.UnionType):
-            args = get_args(tp)
-            if raw is None and type(None) in args:
-                return None
-            inner = [a for a in args if a is not type(None)]
-            if len(inner) == 1:
-                return self.value(inner[0], raw, path)
-            for a in inner:  # first alternative that accepts without problems
-                trial = _Builder(self.source)
-                out = trial.value(a, raw, path)
-                if not trial.problems:
-                    return out
-            self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
-            return None
+            return self._union(tp, raw, path)
         if origin is Literal:
             if raw not in get_args(tp) or isinstance(raw, bool) != any(isinstance(a, bool) for a in get_args(tp)):
                 self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
             return raw
         if dataclasses.is_dataclass(tp):
             return self.dataclass(tp, raw, path)
+        if origin in (list, tuple, dict):
+            return self._container(tp, origin, raw, path)
+        return self._scalar(tp, raw, path)
+
+    def _union(self, tp: Any, raw: Any, path: str) -> Any:
+        args = get_args(tp)
+        if raw is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return self.value(inner[0], raw, path)
+        for a in inner:  # first alternative that accepts without problems
+            trial = _Builder(self.source)
+            out = trial.value(a, raw, path)
+            if not trial.problems:
+                return out
+        self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
+        return None
+
+    def _container(self, tp: Any, origin: Any, raw: Any, path: str) -> Any:
+        args = get_args(tp)
+        if not isinstance(raw, dict if origin is dict else list):
+            self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
+            return {} if origin is dict else ([] if origin is list else None)
         if origin is list:
-            if not isinstance(raw, list):
-                self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
-                return []
-            (item,) = get_args(tp)
-            return [self.value(item, v, f"{path}[{i}]") for i, v in enumerate(raw)]
+            return [self.value(args[0], v, f"{path}[{i}]") for i, v in enumerate(raw)]
         if origin is tuple:
-            args = get_args(tp)
-            if not isinstance(raw, list):
-                self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
-                return None
             if args and args[-1] is Ellipsis:
                 return tuple(self.value(args[0], v, f"{path}[{i}]") for i, v in enumerate(raw))
             if len(raw) != len(args):
                 self.fail(path, f"expected {_type_name(tp)}, found a list of {len(raw)}")
                 return None
             return tuple(self.value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, raw)))
-        if origin is dict:
-            key_t, val_t = get_args(tp)
-            if not isinstance(raw, dict):
-                self.fail(path, f"expected {_type_name(tp)}, found {_describe(raw)}")
-                return {}
-            out = {}
-            for k, v in raw.items():
-                if not isinstance(k, str):
-                    self.fail(f"{path}.{k}", f"expected a text key, found {_describe(k)}")
-                    continue
-                out[k] = self.value(val_t, v, f"{path}.{k}")
-            return out
+        out = {}
+        for k, v in raw.items():
+            if not isinstance(k, str):
+                self.fail(f"{path}.{k}", f"expected a text key, found {_describe(k)}")
+                continue
+            out[k] = self.value(args[1], v, f"{path}.{k}")
+        return out
+
+    def _scalar(self, tp: Any, raw: Any, path: str) -> Any:
         if tp is bool:
             if not isinstance(raw, bool):
                 self.fail(path, f"expected true or false, found {_describe(raw)}")

@@ -1,4 +1,5 @@
-"""Shift-detection features taken at the first normalisation layer of the segmentation UNet."""
+"""Shift-detection features at the first normalisation layer of the segmentation UNet, and the plain
+forward-hook extractor (tests/feature_reference.py) that ODEx's features are checked against."""
 
 from __future__ import annotations
 
@@ -12,15 +13,8 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from simlab.continual.features import (
-    FeatureSpec,
-    capture_features,
-    extract_features,
-    feature_dim,
-    first_norm_layer,
-    reduce_activation,
-    resolve_layer,
-)
+from simlab.continual.features import FeatureSpec, first_norm_layer, reduce_activation, resolve_layer
+from tests.feature_reference import capture_features, extract_features, feature_dim
 
 
 def _unet(seed: int = 0) -> UNet:

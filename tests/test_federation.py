@@ -1,4 +1,5 @@
-"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism."""
+"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism.
+Tests marked ``flower`` start the engine; the others check what happens before it would start."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import pytest
 
 from simlab.cli import main
-
-pytestmark = pytest.mark.flower
 
 TINY = """\
 name: tiny
@@ -42,6 +41,7 @@ def read_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.flower
 def test_two_arms_through_flower(scenario, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", str(scenario), "--out", str(out), "--quiet",
@@ -77,6 +77,7 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
     assert all(c["bytes_up"] > 0 for c in costs if c["round"] > 0)
 
 
+@pytest.mark.flower
 def test_same_seed_identical_metrics(scenario, tmp_path):
     runs = []
     for i in range(2):
@@ -109,6 +110,7 @@ ODEX = TINY.replace("federation: {{rounds: 4, local_steps: 2, batch_size: 4, lr:
                     "federation: {{rounds: 5, local_steps: 3, batch_size: 4, lr: 0.005}}")
 
 
+@pytest.mark.flower
 def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
     p = tmp_path / "odex.yaml"
     p.write_text(ODEX.format(cache=tmp_path / "cache"))
@@ -134,3 +136,25 @@ def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
     assert costs[1]["arm"] == "odex" and costs[1]["bytes_down"] == seq_model_bytes
     # the query ships histories, not models: far less than one model per hospital
     assert all(c["bytes_down"] < 2 * seq_model_bytes + 2 * 0.5 * seq_model_bytes for c in odex if not c["evaluated"])
+
+
+@pytest.mark.flower
+def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
+    """LwF, the coordinate-wise median and the trimmed mean, each as an arm of one run."""
+    out = tmp_path / "run"
+    arms = ("arms=[{name: lwf, set: {continual.method: lwf, continual.lwf.temperature: 3.0}}, "
+            "{name: median, set: {federation.aggregation.rule: median}}, "
+            "{name: trimmed, set: {federation.aggregation.rule: trimmed_mean, "
+            "federation.aggregation.trimmed_mean.beta: 0.1}}]")
+    assert main(["run", str(scenario), "--out", str(out), "--quiet", "--no-report", "--set", "federation.rounds=3",
+                 "--set", arms]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["lwf"]["method"] == "lwf"
+    assert [summary["arms"][a]["aggregation"] for a in ("median", "trimmed")] == ["median", "trimmed_mean"]
+    rows = read_rows(out)
+    for arm in ("lwf", "median", "trimmed"):
+        assert summary["arms"][arm]["failed_updates"] == 0 and summary["arms"][arm]["skipped_rounds"] == 0
+        assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "train_loss"} == {1, 2, 3}
+        assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "dice"} == {0, 2, 3}
+    weights = {r["arm"] for r in rows if r["metric"] == "agg_weight"}
+    assert weights == {"lwf"}  # median and trimmed mean are not weightings: no weights to log

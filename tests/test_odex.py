@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from simlab.continual.features import FeatureSpec, extract_features, reduce_activation
+from simlab.continual.features import FeatureSpec, reduce_activation
 from simlab.continual.gaussian import GaussianStats
 from simlab.continual.mahalanobis import ShiftParams
-from simlab.continual.odex import Entry, OdexParams, Pool, fit_entry, forks_agree, member_threshold, merge_entries
+from simlab.continual.odex import Decision, Entry, OdexParams, fit_entry, forks_agree, member_threshold, merge_entries
+from simlab.continual.odex_pool import Pool, Update
 from simlab.continual.odex_features import (ScoreCache, _FirstBlock, _linear_response, conv_features, first_block_keys,
                                             member_scores, patch_moments, pool_scores, window_features)
 from simlab.data import phantom
+from tests.feature_reference import extract_features
 from simlab.data.appearance import ScannerParams
 from simlab.models.unet import build_model, state_to_numpy
 from simlab.models.unet import ModelSpec
@@ -107,7 +109,7 @@ def test_forks_agree_only_on_the_same_distribution(model, windows):
 
 def test_pool_decides_by_ratio_and_forks(model, windows):
     a, _, b = windows
-    pool = Pool(OdexParams(), {"w": np.zeros(1)})
+    pool = Pool(OdexParams(), {"w": np.zeros(1)}, ["h"])
     pool.members[0].history.append(entry_for(model, a))
     xi = member_threshold(pool.members[0].history, SHIFT)
     d = pool.decide_detect({0: np.array([0.5 * xi])})
@@ -116,13 +118,46 @@ def test_pool_decides_by_ratio_and_forks(model, windows):
     assert d.fork and d.ratio == pytest.approx(3.0)
     fork = pool.add_fork(0, {"w": np.ones(1)}, entry_for(model, b, t=2), t=2)
     assert fork.id == 1 and fork.parent == 0 and len(fork.history) == 1  # fresh history by default
-    inherit = Pool(OdexParams(fork_history="inherit"), {"w": np.zeros(1)})
+    inherit = Pool(OdexParams(fork_history="inherit"), {"w": np.zeros(1)}, ["h"])
     inherit.members[0].history.append(entry_for(model, a))
     assert len(inherit.add_fork(0, {"w": np.ones(1)}, entry_for(model, b, t=2), t=2).history) == 2
     # the member with the lowest score/threshold wins, whatever its raw score
     xi1 = member_threshold(pool.members[1].history, SHIFT)
     d = pool.decide_detect({0: np.array([0.9 * xi]), 1: np.array([0.2 * xi1])})
     assert (d.member, d.fork) == (1, False)
+
+
+def test_pool_round_groups_forks_caps_and_books_domains(model, windows):
+    """One round of the pool without Flower: agreeing forks of a parent merge into one new member,
+    a fork at the cap goes to its parent, and the oracle follows what each member trained on."""
+    a, a2, b = windows
+    ids = ["h1", "h2", "h3"]
+    pool = Pool(OdexParams(max_members=2), {"w": np.zeros(2)}, ids)
+    first = pool.first_round(ids, [entry_for(model, a), entry_for(model, a2), entry_for(model, b)], t=1)
+    assert {h: d.member for h, d in first.items()} == {"h1": 0, "h2": 0, "h3": 1}  # b is unlike a: own member
+    rows, combined = [], []
+
+    def aggregate(items, reference):
+        combined.append([u.hospital for u in items])
+        return {"w": np.mean([u.model["w"] for u in items], axis=0)}
+
+    def update(h, value, entry, domain):
+        return Update(h, {"w": np.full(2, value)}, 10, entry, domain)
+
+    pool.apply(1, first, [update("h1", 1.0, entry_for(model, a), "A"), update("h2", 3.0, entry_for(model, a2), "A"),
+                          update("h3", 5.0, entry_for(model, b), "B")], aggregate, lambda *r: rows.append(r))
+    assert combined == [["h1", "h2"], ["h3"]] and pool.members[0].state["w"].tolist() == [2.0, 2.0]
+    assert len(pool.members[0].history) == 1  # h1 and h2 agree: one merged entry
+    assert pool.current == {"h1": 0, "h2": 0, "h3": 1} and pool.oracle() == {"A": 0, "B": 1}
+    # round 2: h1 forks, but the pool is at its cap (2): the update goes to member 0
+    rows.clear()
+    pool.apply(2, {"h1": Decision(0, True)}, [update("h1", 7.0, entry_for(model, b, t=2), "B")], aggregate,
+               lambda *r: rows.append(r))
+    assert len(pool) == 2 and ("h1", "B", "fork_refused", 1.0) in rows and pool.members[0].state["w"][0] == 7.0
+    meta, arrays = pool.snapshot()
+    back = Pool(OdexParams(max_members=2), {"w": np.zeros(2)}, ids)
+    back.restore(meta, arrays)
+    assert back.current == pool.current and back.oracle() == pool.oracle() and back.next_id == pool.next_id
 
 
 def test_history_rules(model, windows):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import typing
 
 import numpy as np
@@ -316,16 +315,3 @@ def test_generate_interpolated_endpoints_and_midpoint():
     # a blend of T1 and T2-like contrast: WM sits between the two extremes
     wm = [x[:, 0][y == 2].mean() for x, y in ((x0, y0), (xm, ym), (x1, y1))]
     assert wm[0] > wm[1] > wm[2]
-
-
-def test_generation_speed_at_128():
-    pop, scan = PopulationParams(atrophy=(0.0, 1.0)), ScannerParams(bias_field=0.2, noise=0.03, blur=0.5)
-    make_patients(pop, 4, 128, np.random.default_rng(0))  # warm the caches
-    n = 64
-    t0 = time.perf_counter()
-    make_patients(pop, n, 128, np.random.default_rng(0))
-    t1 = time.perf_counter()
-    generate(pop, scan, n, 128, seed=0)
-    t2 = time.perf_counter()
-    print(f"\nphantom at 128x128: patients {1e3 * (t1 - t0) / n:.2f} ms/image, "
-          f"with scanner {1e3 * (t2 - t1) / n:.2f} ms/image")

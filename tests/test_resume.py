@@ -133,7 +133,7 @@ def test_odex_pool_survives_a_checkpoint_exactly(tmp_path):
     fork = fed.pool.add_fork(0, {k: v + 1 for k, v in fed.pool.members[0].state.items()}, entry(3), 3)
     fork.trained_on.update({"B": 1})
     fork.last_dice["h1"] = 0.61
-    fed.current, fed.last_domain, fed.last_trained = {"h1": 1, "h2": 0}, {"h1": "B", "h2": "A"}, {"h1": 3, "h2": 3}
+    fed.pool.current, fed.pool.last_domain, fed.last_trained = {"h1": 1, "h2": 0}, {"h1": "B", "h2": "A"}, {"h1": 3, "h2": 3}
     meta, arrays = fed.snapshot(fed.pool.members[0].state)
     save_checkpoint(tmp_path / "c.npz", meta, arrays)
     meta, arrays = load_checkpoint(tmp_path / "c.npz")
@@ -142,7 +142,8 @@ def test_odex_pool_survives_a_checkpoint_exactly(tmp_path):
     other = _odex_federation(tmp_path / "other", text)
     other.restore(meta, arrays, fed.pool.members[0].state)
     assert list(other.pool.members) == [0, 1] and other.pool.next_id == 2
-    assert (other.current, other.last_domain, other.last_trained) == (fed.current, fed.last_domain, fed.last_trained)
+    assert ((other.pool.current, other.pool.last_domain, other.last_trained)
+            == (fed.pool.current, fed.pool.last_domain, fed.last_trained))
     for m, mem in fed.pool.members.items():
         got = other.pool.members[m]
         assert (got.parent, got.born, got.trained_on, got.last_dice) == (mem.parent, mem.born, mem.trained_on,

@@ -1,26 +1,25 @@
 #!/usr/bin/env python3
 """Client-side cost of one hospital round on one device (CPU or a GPU), with simlab's core code only.
 
-Times, per hospital and round, the work a hospital's ClientApp does, calling the same functions:
+Times, per hospital and round, the work a hospital's ClientApp does, calling the same object it calls
+(:class:`simlab.hospital.Hospital`):
 
 - **train**: local training of the scenario's MONAI U-Net on the hospital's labelled window
-  (:func:`simlab.continual.training.train_local`, ``--steps`` Adam steps of ``--batch`` images);
+  (:meth:`Hospital.train`, ``--steps`` Adam steps of ``--batch`` images, the received model built
+  and loaded first and read back after, as for a message);
 - **train+aug**: the same with FedDG frequency-space augmentation (a
   :class:`~simlab.augment.frequency.FrequencyAugmenter` over the amplitude blocks every hospital
   shares, :func:`~simlab.augment.frequency.make_bank_entries`); ``--episodic`` takes FedDG's
   episodic step instead of the plain one;
 - **odex score**: ODEx shift scoring of the window against a pool history (``--members`` members
   of ``--entries`` entries each, every entry with first-block weights of its own):
-  :func:`~simlab.continual.odex_features.pool_scores` and :func:`~simlab.continual.odex.decide`;
+  :meth:`Hospital.window_decision`;
 - **odex entry**: the statistics of the window that the hospital sends back with its update
-  (:func:`~simlab.continual.odex_features.window_features`, :func:`~simlab.continual.odex.fit_entry`);
-- **eval**: prediction and per-class Dice (:mod:`simlab.metrics.segmentation`) on every domain's
-  test set.
+  (:meth:`Hospital.window_entry`);
+- **eval**: prediction and per-class Dice on every domain's test set (:meth:`Hospital.evaluate`).
 
 Data are real phantom windows and test sets (:class:`~simlab.data.streams.DataFactory`), made once
-beforehand (not timed) in ``--cache-dir`` (default: a temporary folder, removed at the end). The
-model a phase starts from is built and loaded before its clock starts, as the ClientApp's model
-arrives with the message. After one untimed warm-up of every phase each phase is timed
+beforehand (not timed) in ``--cache-dir`` (default: a temporary folder, removed at the end). After one untimed warm-up of every phase each phase is timed
 ``--repeats`` times for every hospital; the device is synchronised before a clock starts and
 before it stops. Reported: medians (and ranges) over all hospitals and repeats; the augmentation
 overhead (train+aug / train); the ODEx share of a training round (score + entry over score +
@@ -55,17 +54,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries  # noqa: E402
-from simlab.continual.odex import decide, fit_entry  # noqa: E402
-from simlab.continual.odex_features import first_block_keys, pool_scores, window_features  # noqa: E402
-from simlab.continual.training import TrainConfig, pick_device, train_local  # noqa: E402
-from simlab.data.streams import DataFactory, HospitalStream  # noqa: E402
-from simlab.metrics.segmentation import dice_per_class, predict  # noqa: E402
-from simlab.models.unet import build_model, load_numpy_state, state_to_numpy  # noqa: E402
+from simlab.continual.odex_features import first_block_keys  # noqa: E402
+from simlab.continual.training import pick_device  # noqa: E402
+from simlab.hospital import Hospital  # noqa: E402
+from simlab.models.unet import build_model, state_to_numpy  # noqa: E402
 from simlab.scenario.schema import Scenario, load_scenario_dict  # noqa: E402
+from simlab.scenario.task import task_of  # noqa: E402
 from simlab.seeding import derive_seed, seed_everything  # noqa: E402
 
 PHASES = ("train", "train+aug", "odex score", "odex entry", "eval")
@@ -124,17 +120,13 @@ class Device:
 
 
 class Bench:
-    """Everything one hospital round needs, prepared once; one method per timed phase."""
+    """Everything one hospital round needs, prepared once; one method per timed phase. Each phase is
+    a call of :class:`simlab.hospital.Hospital`, the object the ClientApp calls for every message."""
 
     def __init__(self, sc: Scenario, args, dev: Device):
         self.sc, self.args, self.dev = sc, args, dev
-        fed = sc.federation
-        self.t = fed.rounds  # the timed round
-        self.factory = DataFactory(sc.data, sc.domains, sc.seed, sc.evaluation.test_size)
-        self.streams = [HospitalStream(self.factory, h) for h in sc.hospitals]
-        self.cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
-                               device=dev.name)
-        self.aug_cfg = dataclasses.replace(self.cfg, episodic=sc.augmentation.frequency.episodic)
+        self.t = sc.federation.rounds  # the timed round
+        self.hospitals = [Hospital(task_of(sc, h.id)) for h in sc.hospitals]
         seed_everything(derive_seed(sc.seed, "init"))
         self.state = state_to_numpy(build_model(sc.model, sc.num_classes))
         self.odex = sc.continual.odex
@@ -144,16 +136,12 @@ class Bench:
         """Windows of every round and the test sets, made (and cached) now; the pool history; the
         amplitude bank. Returns the seconds taken."""
         start = time.perf_counter()
-        for s in self.streams:
+        for h in self.hospitals:
             for r in range(1, self.t + 1):
-                s.window(r)
-        self.tests = {d: self.factory.test_set(d) for d in self.sc.eval_domains}
+                h.stream.window(r)
+            h.test_sets()
         self.histories = self._histories()
-        params = self.sc.augmentation.frequency
-        self.bank = {s.hospital.id: make_bank_entries(torch.from_numpy(s.window(self.t).images), params,
-                                                      np.random.default_rng(derive_seed(self.sc.seed, "bank", i)))
-                     for i, s in enumerate(self.streams)}
-        self.template = build_model(self.sc.model, self.sc.num_classes).to(self.dev.name)
+        self.bank = {h.id: h.amplitudes(self.t) for h in self.hospitals}
         return time.perf_counter() - start
 
     def _histories(self) -> dict:
@@ -168,72 +156,35 @@ class Bench:
                 torch.manual_seed(derive_seed(self.sc.seed, "member", m, e))
                 model = build_model(self.sc.model, self.sc.num_classes)
                 fb = {k: v for k, v in state_to_numpy(model).items() if k in keys}
-                window = self.streams[(m + e) % len(self.streams)].window(e + 1)
-                z = window_features(model, self.odex.features, window.images)
-                entries.append(fit_entry(z, fb, self.odex.shift, e + 1))
+                entry = self.hospitals[(m + e) % len(self.hospitals)].window_entry(model, e + 1, "cpu")
+                entries.append(dataclasses.replace(entry, first_block=fb))
             histories[m] = entries
         return histories
 
-    def model(self) -> torch.nn.Module:
-        """The received global model, on the device (as the ClientApp builds it from a message)."""
-        model = build_model(self.sc.model, self.sc.num_classes)
-        load_numpy_state(model, self.state)
-        return model.to(self.dev.name)
-
-    def augmenter(self, i: int) -> FrequencyAugmenter:
-        hid = self.streams[i].hospital.id
-        gen = torch.Generator().manual_seed(derive_seed(self.sc.seed, "augment", hid, self.t))
-        return FrequencyAugmenter(self.sc.augmentation.frequency, self.bank, hid, gen)
-
     # -------------------------------------------------------------- timed phases
-    def _train_inputs(self, i: int):
-        w = self.streams[i].window(self.t)
-        return w.images[w.labeled], w.labels[w.labeled]
-
-    def train(self, i: int, augment: bool) -> float:
-        """``train_local`` on the hospital's window; the model and augmenter are made first, untimed."""
-        model = self.model()
-        aug = self.augmenter(i) if augment else None
-        x, y = self._train_inputs(i)
-        seed = derive_seed(self.sc.seed, "train", self.streams[i].hospital.id, self.t)
+    def _timed(self, call) -> float:
         self.dev.sync()
         start = time.perf_counter()
-        train_local(model, x, y, self.aug_cfg if augment else self.cfg, seed, augment=aug)
+        call()
         self.dev.sync()
         return time.perf_counter() - start
+
+    def train(self, i: int, augment: bool) -> float:
+        """One local update (the received model built and loaded, trained, read back)."""
+        return self._timed(lambda: self.hospitals[i].train(self.state, self.t, {}, self.bank if augment else None))
 
     def score(self, i: int) -> float:
         """The window's scores under every member's history and the member they pick."""
-        images = self.streams[i].window(self.t).images
-        self.dev.sync()
-        start = time.perf_counter()
-        scores = {m: s.mean(axis=1) for m, s in pool_scores(self.template, self.odex.features, self.odex.shift,
-                                                            self.histories, images, self.dev.name).items()}
-        decide(scores, self.histories, self.odex.shift)
-        self.dev.sync()
-        return time.perf_counter() - start
+        return self._timed(lambda: self.hospitals[i].window_decision(self.histories, self.t))
 
     def entry(self, i: int) -> float:
         """Statistics of the window under the received model's first block."""
-        model = self.model()
-        images = self.streams[i].window(self.t).images
-        self.dev.sync()
-        start = time.perf_counter()
-        z = window_features(model, self.odex.features, images, device=self.dev.name)
-        fit_entry(z, {}, self.odex.shift, self.t)
-        self.dev.sync()
-        return time.perf_counter() - start
+        model = self.hospitals[i].model(self.state, self.dev.name)
+        return self._timed(lambda: self.hospitals[i].window_entry(model, self.t, self.dev.name))
 
     def evaluate(self, i: int) -> float:
         """Prediction and per-class Dice on every domain's test set."""
-        model = self.model()
-        self.dev.sync()
-        start = time.perf_counter()
-        for images, labels in self.tests.values():
-            pred = predict(model, images, self.sc.evaluation.batch_size, self.dev.name)
-            dice_per_class(pred, torch.from_numpy(labels.astype(np.int64)), self.sc.num_classes)
-        self.dev.sync()
-        return time.perf_counter() - start
+        return self._timed(lambda: self.hospitals[i].evaluate(self.state))
 
     def run_phase(self, phase: str, i: int) -> tuple[float, int]:
         """Seconds of one phase for hospital ``i`` and, on CUDA, its peak memory above the start."""
@@ -252,26 +203,21 @@ class Bench:
 
     # -------------------------------------------------------------- many hospitals, one device
     def all_training(self, concurrent: bool) -> tuple[float, int]:
-        """Wall time of every hospital's (plain) training, one after another or one thread each;
-        the models are built and loaded first. Returns seconds and peak memory above the start."""
-        n = len(self.streams)
+        """Wall time of every hospital's (plain) training, one after another or one thread each
+        (on CUDA, each in its own stream). Returns seconds and peak memory above the start."""
+        n = len(self.hospitals)
         base = self.dev.mark()
-        models = [self.model() for _ in range(n)]
         streams = [torch.cuda.Stream() for _ in range(n)] if self.dev.cuda and concurrent else [None] * n
         if not concurrent:
-            self.dev.sync()
-            start = time.perf_counter()
-            for i in range(n):
-                self._train_untimed(i, models[i], None)
-            self.dev.sync()
-            return time.perf_counter() - start, self.dev.peak_since(base)
+            elapsed = self._timed(lambda: [self._train_untimed(i, None) for i in range(n)])
+            return elapsed, self.dev.peak_since(base)
         barrier = threading.Barrier(n + 1)
         errors: list[Exception] = []
 
         def work(i: int) -> None:
             try:
                 barrier.wait()
-                self._train_untimed(i, models[i], streams[i])
+                self._train_untimed(i, streams[i])
             except Exception as exc:  # raised again after the join
                 errors.append(exc)
 
@@ -289,15 +235,13 @@ class Bench:
             raise errors[0]
         return elapsed, self.dev.peak_since(base)
 
-    def _train_untimed(self, i: int, model: torch.nn.Module, stream) -> None:
-        x, y = self._train_inputs(i)
-        seed = derive_seed(self.sc.seed, "train", self.streams[i].hospital.id, self.t)
+    def _train_untimed(self, i: int, stream) -> None:
         if stream is None:
-            train_local(model, x, y, self.cfg, seed)
+            self.hospitals[i].train(self.state, self.t, {})
             return
         stream.wait_stream(torch.cuda.default_stream())
         with torch.cuda.stream(stream):
-            train_local(model, x, y, self.cfg, seed)
+            self.hospitals[i].train(self.state, self.t, {})
         stream.synchronize()
 
 
@@ -310,7 +254,7 @@ def mib(n: float) -> str:
 
 
 def measure(bench: Bench, args) -> dict:
-    n = len(bench.streams)
+    n = len(bench.hospitals)
     for phase in PHASES:  # warm-up: kernels, allocator, lazy imports
         bench.run_phase(phase, 0)
     bench.all_training(False)
@@ -353,7 +297,7 @@ def summary(results: dict) -> dict:
 
 
 def report(bench: Bench, args, dev: Device, prep_s: float, results: dict) -> None:
-    sc, n = bench.sc, len(bench.streams)
+    sc, n = bench.sc, len(bench.hospitals)
     s = summary(results)
     print(f"device: {dev.describe()}, torch {torch.__version__}, python {platform.python_version()}")
     print(f"hospitals {n}, image {args.size}x{args.size}, window {args.window}, steps {args.steps} x batch "
@@ -397,7 +341,7 @@ def results_json(bench: Bench, args, dev: Device, prep_s: float, results: dict) 
     if dev.cuda:
         out["peak_bytes"] = {**results["peaks"], "sequential": results["sequential_peak"],
                              "concurrent": results["concurrent_peak"],
-                             "concurrent_per_hospital": results["concurrent_peak"] / len(bench.streams)}
+                             "concurrent_per_hospital": results["concurrent_peak"] / len(bench.hospitals)}
     return out
 
 

@@ -21,20 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simlab.continual.registry import make_method  # noqa: E402
-from simlab.continual.training import TrainConfig  # noqa: E402
-from simlab.data.streams import DataFactory, HospitalStream  # noqa: E402
 from simlab.aggregation import aggregate  # noqa: E402
+from simlab.data.streams import DataFactory  # noqa: E402
 from simlab.federated.federation import evaluation_rounds  # noqa: E402
-from simlab.metrics.segmentation import dice_per_class, predict  # noqa: E402
-from simlab.models.unet import build_model, load_numpy_state, state_to_numpy, trainable_keys  # noqa: E402
+from simlab.hospital import Hospital  # noqa: E402
+from simlab.models.unet import build_model, state_to_numpy, trainable_keys  # noqa: E402
 from simlab.runlog import RunLog  # noqa: E402
 from simlab.scenario.schema import load_scenario_dict  # noqa: E402
+from simlab.scenario.task import task_of  # noqa: E402
 from simlab.seeding import derive_seed, seed_everything  # noqa: E402
 
 
@@ -56,38 +52,25 @@ def scenario(args, cache: str):
 
 
 def bare_loop(sc) -> float:
-    """The same work without Flower: train each hospital in turn, FedAvg, evaluate."""
-    torch.set_num_threads(int(sc.engine.cpus_per_client))
-    factory = DataFactory(sc.data, sc.domains, sc.seed, sc.evaluation.test_size)
-    streams = [HospitalStream(factory, h) for h in sc.hospitals]
-    fed = sc.federation
-    cfg = TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer, device="cpu")
+    """The same work without Flower: each hospital (:class:`simlab.hospital.Hospital`, the object the
+    ClientApp calls) trains in turn, the server aggregates, every hospital evaluates every domain."""
+    hospitals = [Hospital(task_of(sc, h.id)) for h in sc.hospitals]
     eval_at = set(evaluation_rounds(sc))
     start = time.perf_counter()
     seed_everything(derive_seed(sc.seed, "init"))
     model = build_model(sc.model, sc.num_classes)
     state, keys = state_to_numpy(model), trainable_keys(model)
-
-    def evaluate():
-        for _ in streams:  # every hospital evaluates every domain, as in the federation
-            m = build_model(sc.model, sc.num_classes)
-            load_numpy_state(m, state)
-            for d in sc.eval_domains:
-                x, y = factory.test_set(d)
-                dice_per_class(predict(m, x, sc.evaluation.batch_size, "cpu"), torch.from_numpy(y.astype(np.int64)), 3)
-
-    evaluate()
-    method = make_method(sc.continual)
-    for t in range(1, fed.rounds + 1):
+    for h in hospitals:
+        h.evaluate(state)
+    for t in range(1, sc.federation.rounds + 1):
         entries = []
-        for s in streams:
-            m = build_model(sc.model, sc.num_classes)
-            load_numpy_state(m, state)
-            res = method.local_update(m, s.window, t, {}, cfg, seed=derive_seed(sc.seed, "train", s.hospital.id, t))
-            entries.append((s.hospital.id, state_to_numpy(m), int(res.metrics["num_examples"])))
-        state = aggregate(entries, fed.aggregation, trainable_keys=keys, reference=state).model
+        for h in hospitals:
+            out = h.train(state, t, {})
+            entries.append((h.id, out.state, int(out.metrics["num_examples"])))
+        state = aggregate(entries, sc.federation.aggregation, trainable_keys=keys, reference=state).model
         if t in eval_at:
-            evaluate()
+            for h in hospitals:
+                h.evaluate(state)
     return time.perf_counter() - start
 
 

@@ -52,7 +52,6 @@ Choices (each a scenario option where a researcher would vary it):
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -144,18 +143,7 @@ def member_threshold(history: list[Entry], params: ShiftParams) -> float:
     return max(float(combine(np.array([e.threshold(params) for e in history]), params)), 1e-12)
 
 
-# ------------------------------------------------------------------------------ the pool (server)
-@dataclass
-class Member:
-    id: int
-    state: dict[str, np.ndarray]
-    history: list[Entry] = field(default_factory=list)
-    parent: int | None = None
-    born: int = 0
-    trained_on: Counter = field(default_factory=Counter)  # true domain → rounds (evaluation only)
-    last_dice: dict[str, float] = field(default_factory=dict)  # DiceEx: hospital → Dice
-
-
+# ------------------------------------------------------------------------------ decisions
 @dataclass(frozen=True)
 class Decision:
     member: int
@@ -178,34 +166,6 @@ def route(per_entry: dict[int, np.ndarray], histories: dict[int, list[Entry]], p
     members = list(per_entry)
     S = np.stack([combine(per_entry[m], params) / member_threshold(histories[m], params) for m in members], axis=1)
     return np.array(members)[np.argmin(S, axis=1)]
-
-
-class Pool:
-    def __init__(self, params: OdexParams, init_state: dict[str, np.ndarray]):
-        self.params = params
-        self.members: dict[int, Member] = {0: Member(0, init_state)}
-        self.next_id = 1
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-    def decide_detect(self, per_member: dict[int, np.ndarray]) -> Decision:
-        """``per_member``: member id → per-entry window scores (mean û); see :func:`decide`."""
-        return decide(per_member, {m: self.members[m].history for m in per_member}, self.params.shift)
-
-    def add_member(self, state: dict[str, np.ndarray], t: int) -> Member:
-        """A member with an empty history (first round: a group of hospitals unlike the first)."""
-        m = Member(self.next_id, state, [], parent=None, born=t)
-        self.members[m.id] = m
-        self.next_id += 1
-        return m
-
-    def add_fork(self, parent: int, state: dict[str, np.ndarray], entry: Entry, t: int) -> Member:
-        base = list(self.members[parent].history) if self.params.fork_history == "inherit" else []
-        m = Member(self.next_id, state, base + [entry], parent=parent, born=t)
-        self.members[m.id] = m
-        self.next_id += 1
-        return m
 
 
 def expected_normalised_score(a: Entry, b: Entry, params: ShiftParams) -> float:

@@ -91,7 +91,7 @@ def template_dir() -> Path:
 
 
 def _read(name: str) -> np.ndarray:
-    import nibabel as nib
+    from simlab.data.nifti import read_nifti  # the one verified NIfTI reader
 
     path = template_dir() / TEMPLATE_FILES[name]
     if not path.is_file():
@@ -99,7 +99,7 @@ def _read(name: str) -> np.ndarray:
             f"MNI152 template file '{TEMPLATE_FILES[name]}' not found in nilearn's data folder "
             f"({path.parent}); reinstall nilearn (>= 0.10) to restore it"
         )
-    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32) / np.float32(255.0)
+    return np.asarray(read_nifti(path).dataobj, dtype=np.float32) / np.float32(255.0)
 
 
 @functools.lru_cache(maxsize=1)

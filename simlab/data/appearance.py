@@ -377,21 +377,9 @@ def render_blend(
 # --------------------------------------------------------------------------- acquisition
 
 
-def acquire(
-    images: np.ndarray,
-    params: ScannerParams,
-    rng: np.random.Generator,
-    mask: np.ndarray | None = None,
-    normalise_output: bool = True,
-) -> np.ndarray:
-    """Acquisition model on images ``[n, 1, H, W]`` (phantom or real); float32, same shape.
-
-    Stages, in order (see the module docstring for why): input normalisation, bias field, blur,
-    down-sampling to the acquisition grid, Gibbs ringing, Rician noise, up-sampling, gamma,
-    output normalisation (:func:`normalise`, skipped when ``normalise_output`` is False), global
-    gain. ``mask``: foreground ``[n, H, W]`` (bool, or float thresholded at 0.5) used by the
-    normalisations; estimated from the input when absent.
-    """
+def _acquisition_chain(x: np.ndarray, params: ScannerParams, seeds: list[int]) -> np.ndarray:
+    """Bias field, blur, down-sampling, Gibbs ringing, Rician noise, up-sampling, gamma on normalised
+    images ``[n, H, W]`` (MONAI transforms; MONAI sees the batch as channels where possible)."""
     from monai.transforms import (
         AdjustContrast,
         GaussianSmooth,
@@ -401,14 +389,7 @@ def acquire(
         Resize,
     )
 
-    x = _check_images(images)
-    n, _, h, w = x.shape
-    fg = _as_mask(mask, x)
-    seeds = [_seed(rng) for _ in range(4)]  # bias, noise, scale, reserve: always drawn
-    if n == 0:
-        return x.copy()
-    x = normalise(x, fg)[:, 0]  # [n, H, W]; MONAI sees the batch as channels where possible
-
+    n, h, w = x.shape
     if params.bias_field > 0.0:
         bias = RandBiasField(degree=3, coeff_range=(-params.bias_field, params.bias_field), prob=1.0)
         bias.set_random_state(seed=seeds[0])
@@ -432,6 +413,31 @@ def acquire(
     if params.gamma != 1.0:
         adjust = AdjustContrast(gamma=float(params.gamma))
         x = np.stack([_to_numpy(adjust(np.clip(x[i : i + 1], 0.0, None)))[0] for i in range(n)])
+    return x
+
+
+def acquire(
+    images: np.ndarray,
+    params: ScannerParams,
+    rng: np.random.Generator,
+    mask: np.ndarray | None = None,
+    normalise_output: bool = True,
+) -> np.ndarray:
+    """Acquisition model on images ``[n, 1, H, W]`` (phantom or real); float32, same shape.
+
+    Stages, in order (see the module docstring for why): input normalisation, bias field, blur,
+    down-sampling to the acquisition grid, Gibbs ringing, Rician noise, up-sampling, gamma,
+    output normalisation (:func:`normalise`, skipped when ``normalise_output`` is False), global
+    gain. ``mask``: foreground ``[n, H, W]`` (bool, or float thresholded at 0.5) used by the
+    normalisations; estimated from the input when absent.
+    """
+    x = _check_images(images)
+    n = x.shape[0]
+    fg = _as_mask(mask, x)
+    seeds = [_seed(rng) for _ in range(4)]  # bias, noise, scale, reserve: always drawn
+    if n == 0:
+        return x.copy()
+    x = _acquisition_chain(normalise(x, fg)[:, 0], params, seeds)  # [n, H, W]
 
     out = x[:, None].astype(np.float32)
     if normalise_output:

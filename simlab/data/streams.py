@@ -21,7 +21,7 @@ import numpy as np
 from simlab.data import phantom
 from simlab.data.appearance import ScannerParams, apply_scanner
 from simlab.data.cache import ArrayCache
-from simlab.data.drift import WindowPlan, plan, true_domains
+from simlab.data.drift import WindowPlan, plan
 from simlab.config import to_plain
 from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.seeding import derive_seed, rng
@@ -241,6 +241,3 @@ class HospitalStream:
 
     def window(self, t: int) -> Window:
         return self.factory.window(self.hospital, t)
-
-    def true_domains(self, rounds: int) -> list[str]:
-        return true_domains(self.hospital.drift, rounds)

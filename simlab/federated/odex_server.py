@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 
-from simlab.checkpoint import flat, nest
-from simlab.continual.odex import Decision, Entry, Member, Pool, cluster_entries, merge_entries
+from simlab.continual.odex import Decision, Entry
+from simlab.continual.odex_pool import Pool, Update
 from simlab.continual.odex_features import first_block_keys
 from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
@@ -36,79 +35,45 @@ log = logging.getLogger("simlab")
 
 
 class OdexFederation(Federation):
+    wants_entry = True  # every train reply carries the window's statistics under the model sent
+
     def setup_model(self, model: torch.nn.Module, state: dict[str, np.ndarray]) -> None:
         self.params = self.sc.continual.odex
         sample = torch.zeros(1, 1, self.sc.data.image_size, self.sc.data.image_size)
         self.fb_keys = first_block_keys(model, self.params.features, sample)
-        self.pool = Pool(self.params, state)
-        self.current = {h: 0 for h in self.ids}  # member each hospital trained last
-        self.last_domain: dict[str, str] = {}  # oracle ablation only
-
-    wants_entry = True  # every train reply carries the window's statistics under the model sent
+        self.pool = Pool(self.params, state, self.ids)
 
     def first_block(self, m: int) -> dict[str, np.ndarray]:
         return {k: self.pool.members[m].state[k] for k in self.fb_keys}
 
-    def histories(self) -> dict[int, list[Entry]]:
-        return {m: mem.history for m, mem in self.pool.members.items() if mem.history}
-
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self, state):
         meta, arrays = super().snapshot(state)
-        members = []
-        for m, mem in self.pool.members.items():
-            members.append({"id": m, "parent": mem.parent, "born": mem.born, "history": len(mem.history),
-                            "trained_on": list(mem.trained_on.items()), "last_dice": list(mem.last_dice.items())})
-            arrays.update(flat(f"m{m}", mem.state))
-            for i, e in enumerate(mem.history):
-                arrays.update(flat(f"m{m}.h{i}", e.to_arrays()))
-        meta["pool"] = {"members": members, "next_id": self.pool.next_id, "current": self.current,
-                        "last_domain": self.last_domain}
-        return meta, arrays
+        meta["pool"], pool_arrays = self.pool.snapshot()
+        return meta, {**arrays, **pool_arrays}
 
     def restore(self, meta, arrays, state):
         state = super().restore(meta, arrays, state)
-        pool = meta["pool"]
-        self.pool.members = {}
-        for info in pool["members"]:
-            m = int(info["id"])
-            history = [Entry.from_arrays(nest(arrays, f"m{m}.h{i}")) for i in range(info["history"])]
-            self.pool.members[m] = Member(m, nest(arrays, f"m{m}"), history, parent=info["parent"], born=info["born"],
-                                          trained_on=Counter(dict(info["trained_on"])),
-                                          last_dice=dict(info["last_dice"]))
-        self.pool.next_id = int(pool["next_id"])
-        self.current = {h: int(m) for h, m in pool["current"].items()}
-        self.last_domain = dict(pool["last_domain"])
+        self.pool.restore(meta["pool"], arrays)
         return state
 
     # ------------------------------------------------------------------ decisions
     def decide(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
-        mode = self.params.expansion
-        if mode == "oracle":
-            out = {}
-            for h in targets:
-                now = self.domains[h][t - 1]
-                changed = h in self.last_domain and self.last_domain[h] != now
-                out[h] = Decision(self.current[h], changed)
-            return out, 0, 0
-        if mode == "dice":
-            requests = {h: codec.Query(t, self.parts[h], self.pool.members[self.current[h]].state) for h in targets}
-            replies = self._send(codec.DICE, targets, requests)
-            out = {}
-            for h in targets:
-                m = self.current[h]
-                reply = replies.get(h)
-                if reply is None or reply.has_error():
-                    out[h] = Decision(m, False)
-                    continue
-                dice = codec.decode_metrics(reply.content)["dice"]
-                last = self.pool.members[m].last_dice.get(h)
-                out[h] = Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last)
-                self.pool.members[m].last_dice[h] = dice
-                self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
-            down = len(targets) * state_nbytes(self.pool.members[0].state)
-            return out, down, 0
-        raise ValueError(f"no server-side decision for expansion {mode!r}")
+        """The ablations' decisions: oracle expansion (true boundaries) or DiceEx (``query.dice``)."""
+        if self.params.expansion == "oracle":
+            return self.pool.oracle_decisions({h: self.domains[h][t - 1] for h in targets}), 0, 0
+        requests = {h: codec.Query(t, self.parts[h], self.pool.members[self.pool.current[h]].state) for h in targets}
+        replies = self._send(codec.DICE, targets, requests)
+        out = {}
+        for h in targets:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                out[h] = Decision(self.pool.current[h], False)
+                continue
+            dice = codec.decode_metrics(reply.content)["dice"]
+            out[h] = self.pool.dice_decision(h, dice)
+            self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
+        return out, len(targets) * state_nbytes(self.pool.members[0].state), 0
 
     def first_round(self, t: int, targets: list[str]):
         """Detect mode, first round: nothing to score against yet. Every hospital trains the initial
@@ -121,12 +86,7 @@ class OdexFederation(Federation):
         replies, failed = self.train_replies(t, targets, {h: self.train_request(h, t, state) for h in targets})
         ok = list(replies)
         entries = [codec.decode_train_reply(replies[h].content, state, self.first_block(0)).entry for h in ok]
-        decisions = {h: Decision(0, False) for h in ok}
-        for i, group in enumerate(cluster_entries(entries, self.params.shift)):
-            if i > 0 and len(self.pool) < self.params.max_members:
-                member = self.pool.add_member({k: v.copy() for k, v in state.items()}, t)
-                for j in group:
-                    decisions[ok[j]] = Decision(member.id, False)
+        decisions = self.pool.first_round(ok, entries, t)
         return decisions, replies, failed, len(targets) * state_nbytes(state), {}
 
     # ------------------------------------------------------------------ a round
@@ -134,7 +94,7 @@ class OdexFederation(Federation):
         fed = self.sc.federation
         targets = self.sample(t)
         if self.params.expansion == "detect":
-            hist = self.histories()
+            hist = self.pool.histories()
             decisions, replies, failed, down, timing = (self.train_scored(t, targets, hist) if hist
                                                         else self.first_round(t, targets))
             up = 0
@@ -146,25 +106,20 @@ class OdexFederation(Federation):
             replies, failed = self.train_replies(t, targets, requests)
             down = q_down + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in targets)
         fb = {m: self.first_block(m) for m in self.pool.members}
-        groups: dict[int, list] = defaultdict(list)
-        forks: dict[int, list] = defaultdict(list)
+        updates = []
         for h, reply in replies.items():
-            d = decisions[h]
             self.last_trained[h] = t
-            r = codec.decode_train_reply(reply.content, state, fb[d.member])
+            r = codec.decode_train_reply(reply.content, state, fb[decisions[h].member])
             up += state_nbytes(r.model) + codec.entry_nbytes(reply.content)
             self.log.metric(t, h, self.domains[h][t - 1], "train_loss", r.metrics["train_loss"])
-            item = (h, r.model, int(r.metrics["num-examples"]), r.entry)
-            (forks if d.fork else groups)[d.member].append(item)
-        n_ok = sum(len(v) for v in groups.values()) + sum(len(v) for v in forks.values())
+            updates.append(Update(h, r.model, int(r.metrics["num-examples"]), r.entry, self.domains[h][t - 1]))
         cost = {"sent": targets, "failed": failed, **timing, "bytes_down": down, "bytes_up": up}
-        if n_ok < fed.min_replies:
-            log.warning("round %d skipped: %d replies < min_replies %d", t, n_ok, fed.min_replies)
+        if len(updates) < fed.min_replies:
+            log.warning("round %d skipped: %d replies < min_replies %d", t, len(updates), fed.min_replies)
             cost["skipped"] = True
             return state, cost
-        self._forks(t, forks, groups, keys)
-        for m, items in groups.items():
-            self._update(t, m, items, keys)
+        self.pool.apply(t, decisions, updates, lambda items, ref: self._aggregate(t, items, keys, ref),
+                        lambda h, domain, metric, value: self.log.metric(t, h, domain, metric, value))
         self.log.metric(t, "server", None, "pool_size", len(self.pool))
         cost["pool_size"] = len(self.pool)
         return state, cost
@@ -182,7 +137,7 @@ class OdexFederation(Federation):
             return self.train_request(h, t, self.pool.members[m].state, member=m,
                                       histories=hist if with_histories else None)
 
-        first, failed = self.train_replies(t, targets, {h: request(h, self.current[h], True) for h in targets})
+        first, failed = self.train_replies(t, targets, {h: request(h, self.pool.current[h], True) for h in targets})
         decisions, score_s, trained = {}, 0.0, {}
         for h, reply in first.items():
             shift = codec.decode_shift(reply.content)
@@ -190,21 +145,21 @@ class OdexFederation(Federation):
             score_s = max(score_s, float(shift["score_s"]))
             trained[h] = "arrays" in reply.content
             self.log.metric(t, h, self.domains[h][t - 1], "shift_ratio", decisions[h].ratio)
-        again = [h for h, d in decisions.items() if d.member != self.current[h] or not trained[h]]
+        again = [h for h, d in decisions.items() if d.member != self.pool.current[h] or not trained[h]]
         replies = {h: r for h, r in first.items() if h not in again}
         if again:
             second, failed2 = self.train_replies(t, again, {h: request(h, decisions[h].member, False) for h in again})
             replies.update(second)
             failed = sorted(failed + failed2, key=self.ids.index)
         down = (len(targets) * histories_nbytes(hist)
-                + sum(state_nbytes(self.pool.members[self.current[h]].state) for h in targets)
+                + sum(state_nbytes(self.pool.members[self.pool.current[h]].state) for h in targets)
                 + sum(state_nbytes(self.pool.members[decisions[h].member].state) for h in again))
         replies = dict(sorted(replies.items(), key=lambda kv: self.ids.index(kv[0])))
         return decisions, replies, failed, down, {"score_s": score_s}
 
-    def _aggregate(self, t: int, items: list, keys: set[str], reference) -> dict[str, np.ndarray] | None:
+    def _aggregate(self, t: int, items: list[Update], keys: set[str], reference) -> dict[str, np.ndarray] | None:
         try:
-            result = aggregate([(h, m, n) for h, m, n, _ in items], self.sc.federation.aggregation,
+            result = aggregate([(u.hospital, u.model, u.n) for u in items], self.sc.federation.aggregation,
                                trainable_keys=keys, reference=reference)
         except EmptyAggregation as exc:
             log.warning("round %d: %s", t, exc)
@@ -216,66 +171,10 @@ class OdexFederation(Federation):
             self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
         return result.model
 
-    def _update(self, t: int, m: int, items: list, keys: set[str]) -> None:
-        member = self.pool.members[m]
-        new = self._aggregate(t, items, keys, member.state)
-        if new is None:
-            return
-        member.state = new
-        member.history.extend(self._entries(items))
-        for h, *_ in items:
-            member.trained_on[self.domains[h][t - 1]] += 1
-            self._trained(t, h, m)
-
-    def _entries(self, items: list) -> list[Entry]:
-        """This round's history entries of one member: agreeing hospitals' statistics merged exactly."""
-        entries = [e for *_, e in items]
-        return [merge_entries([entries[i] for i in g]) for g in cluster_entries(entries, self.params.shift)]
-
-    def _trained(self, t: int, h: str, m: int) -> None:
-        self.current[h] = m
-        self.last_domain[h] = self.domains[h][t - 1]
-        self.log.metric(t, h, self.domains[h][t - 1], "member", m)
-
-    def _forks(self, t: int, forks: dict[int, list], groups: dict[int, list], keys: set[str]) -> None:
-        sp = self.params.shift
-        for parent, items in sorted(forks.items()):
-            if self.params.merge_forks:
-                clusters = [[items[i] for i in g] for g in cluster_entries([e for *_, e in items], sp)]
-            else:
-                clusters = [[item] for item in items]
-            for cluster in clusters:
-                if len(self.pool) >= self.params.max_members:
-                    for h, *_ in cluster:
-                        self.log.metric(t, h, self.domains[h][t - 1], "fork_refused", 1.0)
-                    groups[parent].extend(cluster)  # the update goes to the parent
-                    continue
-                new = self._aggregate(t, cluster, keys, self.pool.members[parent].state)
-                if new is None:
-                    continue
-                first, *rest = self._entries(cluster)
-                member = self.pool.add_fork(parent, new, first, t)
-                member.history.extend(rest)
-                for h, *_ in cluster:
-                    member.trained_on[self.domains[h][t - 1]] += 1
-                    self.log.metric(t, h, self.domains[h][t - 1], "fork", member.id)
-                    self._trained(t, h, member.id)
-                log.info("round %d: member %d forked from %d by %s", t, member.id, parent,
-                         ", ".join(h for h, *_ in cluster))
-
     # ------------------------------------------------------------------ evaluation
-    def oracle(self) -> dict[str, int]:
-        """Per true domain, the member that trained on it most often (evaluation only)."""
-        best: dict[str, tuple[int, int]] = {}
-        for m, member in sorted(self.pool.members.items()):
-            for d, n in member.trained_on.items():
-                if d not in best or n > best[d][0]:
-                    best[d] = (n, m)
-        return {d: m for d, (n, m) in best.items()}
-
     def evaluate(self, t: int, state) -> int:
         members = {m: mem.state for m, mem in self.pool.members.items()}
-        histories, oracle = self.histories(), self.oracle()
+        histories, oracle = self.pool.histories(), self.pool.oracle()
         requests = {h: codec.Evaluate(t, self.parts[h], members=members, histories=histories, oracle=oracle)
                     for h in self.ids}
         self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))

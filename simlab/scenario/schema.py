@@ -86,8 +86,20 @@ _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
 
 
+class DerivedFacts:
+    """What follows from the sections of a scenario or a hospital's task."""
+
+    @property
+    def eval_domains(self) -> list[str]:
+        return list(self.evaluation.domains or self.domains)
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes_of(self.data)
+
+
 @dataclass(frozen=True)
-class Scenario:
+class Scenario(DerivedFacts):
     name: str
     domains: dict[str, DomainSpec]
     hospitals: list[HospitalSpec]
@@ -159,14 +171,6 @@ class Scenario:
                               f"arms may only change {', '.join(ARM_SECTIONS)} (streams stay identical across arms)"))
         return p
 
-    # ------------------------------------------------------------------ derived facts
-    @property
-    def eval_domains(self) -> list[str]:
-        return list(self.evaluation.domains or self.domains)
-
-    @property
-    def num_classes(self) -> int:
-        return num_classes_of(self.data)
 
 
 @dataclass(frozen=True)

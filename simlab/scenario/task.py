@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 from simlab.config import build, to_plain
 from simlab.continual.registry import ContinualSpec
-from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
+from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec
 from simlab.models.unet import ModelSpec
-from simlab.scenario.schema import (AugmentationSpec, EngineSpec, EvaluationSpec, FederationSpec, Scenario)
+from simlab.scenario.schema import (AugmentationSpec, DerivedFacts, EngineSpec, EvaluationSpec, FederationSpec,
+                                    Scenario)
 
 
 @dataclass(frozen=True)
-class HospitalTask:
+class HospitalTask(DerivedFacts):
     hospital: HospitalSpec
     domains: dict[str, DomainSpec]
     seed: int = 0
@@ -29,14 +30,6 @@ class HospitalTask:
     augmentation: AugmentationSpec = field(default_factory=AugmentationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
-
-    @property
-    def eval_domains(self) -> list[str]:
-        return list(self.evaluation.domains or self.domains)
-
-    @property
-    def num_classes(self) -> int:
-        return num_classes_of(self.data)
 
 
 def task_of(scenario: Scenario, hospital_id: str) -> HospitalTask:
