@@ -26,6 +26,7 @@ from simlab.continual.odex import (ScoreCache, combine, decide, fit_entry, membe
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
 from simlab.federated.messages import from_array_record, metrics, to_array_record, unpack_histories
+from simlab.metrics.registry import metric_rows
 from simlab.metrics.segmentation import dice_per_class, predict
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
 from simlab.config import build
@@ -279,13 +280,6 @@ def window_dice(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics({"dice": float(dice.mean())})}), reply_to=msg)
 
 
-def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
-    out[f"{name}/{domain}"] = float(dice.mean())
-    if name == "dice":
-        for c in range(dice.shape[1]):
-            out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())
-
-
 def _routes(scenario: Scenario, histories: dict[int, list], pool_ids: list[int],
             tests: dict[str, tuple[np.ndarray, np.ndarray]], device: str) -> dict[str, np.ndarray]:
     """ODEx routing of every test image: the member with the lowest score / threshold. All test sets
@@ -330,21 +324,22 @@ def evaluate(msg: Message, context: Context) -> Message:
         target = torch.from_numpy(labels.astype(np.int64))
         if not pool_ids:
             pred = predict(deployed, images, scenario.evaluation.batch_size, device)
-            _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
+            out.update(metric_rows(domain, pred, target, scenario.num_classes))
             continue
         routed = routes[domain]
         pred = torch.zeros_like(target)
         for m in np.unique(routed):
             sel = routed == m
             pred[torch.from_numpy(sel)] = predict(member(int(m)), images[sel], scenario.evaluation.batch_size, device)
-        _dice_rows(out, "dice", domain, dice_per_class(pred, target, scenario.num_classes))
+        out.update(metric_rows(domain, pred, target, scenario.num_classes))
         if domain in oracle:  # only for domains some member has trained on
             best = int(oracle[domain])
             pred_o, other = pred.clone(), routed != best  # images routed to the oracle member are done
             if other.any():
                 pred_o[torch.from_numpy(other)] = predict(member(best), images[other], scenario.evaluation.batch_size,
                                                           device)
-            _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, scenario.num_classes))
+            out.update(metric_rows(domain, pred_o, target, scenario.num_classes, names=("dice",), suffix="_oracle",
+                                   per_class=False))
             out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
     out["num-examples"] = float(len(scenario.eval_domains) * scenario.evaluation.test_size)
     return Message(RecordDict({"metrics": metrics(out)}), reply_to=msg)
