@@ -61,12 +61,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _console(stderr: bool = False):
-    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 160 columns wide, so
+    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 220 columns wide, so
     that the tables are not squeezed into rich's default of 80."""
     from rich.console import Console
 
     c = Console(stderr=stderr)
-    return c if c.is_terminal else Console(stderr=stderr, width=160)
+    return c if c.is_terminal else Console(stderr=stderr, width=220)
 
 
 def run_compare(runs: list[str], baseline: str | None = None, write_baseline: str | None = None,
