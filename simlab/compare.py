@@ -23,7 +23,7 @@ wall_time_s     wall time of the arm (Flower start-up included)             lowe
 ==============  ==========================================================  ==========  ===========
 
 acc/bwt/fwt/forgetting are the headline metric's (Dice). A run without a registered metric's block
-(older runs) simply lacks that column; a baseline that lacks a metric the runs have does not check
+(older runs) lacks that column, and so does a group that mixes such runs with newer ones; a baseline that lacks a metric the runs have does not check
 it (only the baseline's metrics are checked), so adding a metric never fails an existing baseline.
 
 ``pool_size`` has no good direction: a pool that stops growing can mean shift detection broke, one
@@ -343,7 +343,10 @@ class Group:
 def group_runs(runs: list[RunInfo]) -> list[Group]:
     """Group runs by (scenario name, fingerprint) in order of first appearance; compute per-arm stats.
 
-    Every run of a group must have the same arms (error otherwise, naming the run).
+    Every run of a group must have the same arms (error otherwise, naming the run), and the same
+    metrics, except that a registered segmentation metric (``hd95``, ...) that some runs of the group
+    lack (runs written before it was registered) is left out of that group instead of being averaged
+    over the runs that have it.
     """
     groups: dict[tuple[str, str | None], Group] = {}
     for r in runs:
@@ -359,6 +362,8 @@ def group_runs(runs: list[RunInfo]) -> list[Group]:
             g.stats[arm] = {}
             for key in keys:
                 missing = [str(r.path) for r in g.runs if key not in r.arms[arm]]
+                if missing and key in REGISTRY_KEYS:  # runs from before the metric was registered
+                    continue
                 if missing:
                     raise CompareError(f"arm {arm}, metric {key}: absent from {', '.join(missing)}")
                 g.stats[arm][key] = Stat.of([r.arms[arm][key] for r in g.runs], f"arm {arm}, metric {key}")

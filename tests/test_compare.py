@@ -295,8 +295,10 @@ def test_hd95_from_the_registry_in_the_table_lower_is_better(tmp_path, capsys):
     assert rc == 0
     assert "HD95 ↓" in out and "HD95 missed ↓" in out
     assert "4.50 ± 0.71 (2)" in out and "0.150 ± 0.071 (2)" in out
-    old = make_run(tmp_path / "old", {"sequential": GOOD})  # a run from before the registry: no column
+    old = make_run(tmp_path / "old", {"sequential": GOOD, "joint": GOOD}, seed=2)  # from before the registry
     assert "hd95" not in load_run(old).arms["sequential"]
+    mixed = group_runs([load_run(a), load_run(b), load_run(old)])[0]
+    assert "hd95" not in mixed.stats["sequential"] and mixed.stats["sequential"]["acc"].n == 3
 
 
 def test_hd95_regressions_against_a_baseline(tmp_path, capsys):
