@@ -11,11 +11,20 @@ acc             pooled ACC (GEM)                                            high
 bwt             pooled BWT (GEM)                                            higher      abs:0.03
 fwt             pooled FWT (GEM)                                            higher      abs:0.03
 forgetting      pooled forgetting (Chaudhry, max-based)                     lower       abs:0.03
+<name>          every registered segmentation metric other than Dice        registry    registry
+                (:mod:`simlab.metrics.registry`): ``metrics.<name>.mean``
+                of ``summary.json``, e.g. ``hd95`` (lower, rel:0.25)
+<name>_missed   for a metric that counts missed structures, e.g.            lower       abs:0.05
+                ``hd95_missed``: ``metrics.<name>.missed``
 pool_size       final model-pool size K (server rows ``pool_size``; only    either      abs:0
                 for arms that keep a pool)
 bytes_total     bytes sent down + up over the run                           lower       rel:0.01
 wall_time_s     wall time of the arm (Flower start-up included)             lower       rel:1.0
 ==============  ==========================================================  ==========  ===========
+
+acc/bwt/fwt/forgetting are the headline metric's (Dice). A run without a registered metric's block
+(older runs) lacks that column, and so does a group that mixes such runs with newer ones; a baseline that lacks a metric the runs have does not check
+it (only the baseline's metrics are checked), so adding a metric never fails an existing baseline.
 
 ``pool_size`` has no good direction: a pool that stops growing can mean shift detection broke, one
 that grows can mean false alarms, so a change either way beyond the tolerance is a regression.
@@ -64,6 +73,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from simlab.metrics.registry import HEADLINE, REGISTRY
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -137,11 +148,32 @@ class MetricSpec:
     digits: int = 3
 
 
+MISSED_TOLERANCE = Tolerance("abs", 0.05)
+
+
+def _registry_specs() -> tuple[tuple[MetricSpec, tuple[str, str]], ...]:
+    """Per non-headline registered metric: its ``metrics.<name>.mean`` and, if it counts missed
+    structures, ``metrics.<name>.missed``, with the path into the arm's summary block."""
+    out = []
+    for name, m in REGISTRY.items():
+        if name == HEADLINE:
+            continue
+        out.append((MetricSpec(name, m.label, m.direction, Tolerance.parse(m.tolerance, f"metric {name}"),
+                               digits=m.digits), (name, "mean")))
+        if m.counts_missed:
+            out.append((MetricSpec(m.missed_name, f"{m.label} missed", "lower", MISSED_TOLERANCE), (name, "missed")))
+    return tuple(out)
+
+
+REGISTRY_KEYS: dict[str, tuple[str, str]] = {spec.key: path for spec, path in _registry_specs()}
+"""compare key → (metric, field) in ``summary.json``'s ``arms.<arm>.metrics``."""
+
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("acc", "ACC", "higher", Tolerance("abs", 0.02)),
     MetricSpec("bwt", "BWT", "higher", Tolerance("abs", 0.03)),
     MetricSpec("fwt", "FWT", "higher", Tolerance("abs", 0.03)),
     MetricSpec("forgetting", "forgetting", "lower", Tolerance("abs", 0.03)),
+    *(spec for spec, _ in _registry_specs()),
     MetricSpec("pool_size", "pool K", "either", Tolerance("abs", 0.0), digits=1),
     MetricSpec("bytes_total", "MB sent", "lower", Tolerance("rel", 0.01), scale=1e6, digits=1),
     MetricSpec("wall_time_s", "wall s", "lower", Tolerance("rel", 1.0), digits=1),
@@ -254,6 +286,11 @@ def load_run(run_dir: str | Path) -> RunInfo:
             if key in a:
                 v = a[key]
                 values[key] = None if v is None or not math.isfinite(float(v)) else float(v)
+        blocks = a.get("metrics") or {}
+        for key, (metric, fld) in REGISTRY_KEYS.items():
+            if fld in blocks.get(metric, {}):
+                v = blocks[metric][fld]
+                values[key] = None if v is None or not math.isfinite(float(v)) else float(v)
         if name in pools:
             values["pool_size"] = pools[name]
         arms[name] = values
@@ -306,7 +343,10 @@ class Group:
 def group_runs(runs: list[RunInfo]) -> list[Group]:
     """Group runs by (scenario name, fingerprint) in order of first appearance; compute per-arm stats.
 
-    Every run of a group must have the same arms (error otherwise, naming the run).
+    Every run of a group must have the same arms (error otherwise, naming the run), and the same
+    metrics, except that a registered segmentation metric (``hd95``, ...) that some runs of the group
+    lack (runs written before it was registered) is left out of that group instead of being averaged
+    over the runs that have it.
     """
     groups: dict[tuple[str, str | None], Group] = {}
     for r in runs:
@@ -322,6 +362,8 @@ def group_runs(runs: list[RunInfo]) -> list[Group]:
             g.stats[arm] = {}
             for key in keys:
                 missing = [str(r.path) for r in g.runs if key not in r.arms[arm]]
+                if missing and key in REGISTRY_KEYS:  # runs from before the metric was registered
+                    continue
                 if missing:
                     raise CompareError(f"arm {arm}, metric {key}: absent from {', '.join(missing)}")
                 g.stats[arm][key] = Stat.of([r.arms[arm][key] for r in g.runs], f"arm {arm}, metric {key}")

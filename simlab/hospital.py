@@ -24,6 +24,7 @@ from simlab.continual.odex_features import ScoreCache, pool_scores, window_featu
 from simlab.continual.registry import make_method
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
+from simlab.metrics.registry import metric_rows
 from simlab.metrics.segmentation import dice_per_class, predict
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
 from simlab.scenario.task import HospitalTask
@@ -153,20 +154,19 @@ class Hospital:
         return {domain: self.factory.test_set(domain) for domain in self.task.eval_domains}
 
     def evaluate(self, state: State) -> dict[str, float]:
-        """Dice of one deployed model on every test domain."""
+        """Every registered metric (:mod:`simlab.metrics.registry`) of one deployed model on every test domain."""
         device = self.device()
         model, out = self.model(state, device), {}
         for domain, (images, labels) in self.test_sets().items():
             pred = predict(model, images, self.task.evaluation.batch_size, device)
-            _dice_rows(out, "dice", domain, dice_per_class(pred, torch.from_numpy(labels.astype(np.int64)),
-                                                           self.task.num_classes))
+            out.update(metric_rows(domain, pred, torch.from_numpy(labels.astype(np.int64)), self.task.num_classes))
         return out
 
     def evaluate_pool(self, members: dict[int, State], histories: dict[int, list[Entry]],
                       oracle: dict[str, int]) -> dict[str, float]:
-        """ODEx: each test image is routed to the member with the lowest score / threshold (``dice``),
-        and also sent to the member that trained most on the image's true domain (``dice_oracle``);
-        ``routing_purity`` is the share of a domain's images routed to that member."""
+        """ODEx: each test image is routed to the member with the lowest score / threshold (every
+        registered metric), and also sent to the member that trained most on the image's true domain
+        (``dice_oracle``); ``routing_purity`` is the share of a domain's images routed to that member."""
         device, tests, bs = self.device(), self.test_sets(), self.task.evaluation.batch_size
         models: dict[int, torch.nn.Module] = {}  # built when an image first needs one
 
@@ -182,13 +182,14 @@ class Hospital:
             for m in np.unique(routed):
                 sel = routed == m
                 pred[torch.from_numpy(sel)] = predict(member(int(m)), images[sel], bs, device)
-            _dice_rows(out, "dice", domain, dice_per_class(pred, target, self.task.num_classes))
+            out.update(metric_rows(domain, pred, target, self.task.num_classes))
             if domain in oracle:  # only for domains some member has trained on
                 best = int(oracle[domain])
                 pred_o, other = pred.clone(), routed != best  # images routed to the oracle member are done
                 if other.any():
                     pred_o[torch.from_numpy(other)] = predict(member(best), images[other], bs, device)
-                _dice_rows(out, "dice_oracle", domain, dice_per_class(pred_o, target, self.task.num_classes))
+                out.update(metric_rows(domain, pred_o, target, self.task.num_classes, names=("dice",),
+                                       suffix="_oracle", per_class=False))
                 out[f"routing_purity/{domain}"] = float(np.mean(routed == best))
         return out
 
@@ -206,9 +207,3 @@ class Hospital:
         bounds = np.cumsum([0] + sizes)
         return {domain: routed[a:b] for domain, a, b in zip(tests, bounds[:-1], bounds[1:])}
 
-
-def _dice_rows(out: dict, name: str, domain: str, dice: np.ndarray) -> None:
-    out[f"{name}/{domain}"] = float(dice.mean())
-    if name == "dice":
-        for c in range(dice.shape[1]):
-            out[f"dice_c{c + 1}/{domain}"] = float(dice[:, c].mean())

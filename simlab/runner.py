@@ -6,8 +6,9 @@ Run directory::
     metrics.jsonl        one row per round × hospital × domain × metric (all arms; deterministic)
     rounds.jsonl         per-round cost: bytes down/up, wall time, replies, failures
     R/<arm>/<hospital>.csv, R/<arm>/pooled.csv    accuracy matrices (rows: after stage i; cols: stage j)
+    R/<arm>/<hospital>.<metric>.csv              the same for every other registered metric (e.g. hd95)
     dice_by_round/<arm>.csv                      mean Dice per evaluated round × domain
-    summary.json         arms.<name>.{acc, bwt, fwt, forgetting, wall_time_s, per_hospital, ...}
+    summary.json         arms.<name>.{acc, bwt, fwt, forgetting, wall_time_s, per_hospital, metrics, ...}
     simlab.log           the log
     run.json             what the run was started with (the scenario as read, with overrides; the engine),
                          so that ``simlab run --resume RUN_DIR`` can continue it
@@ -32,7 +33,7 @@ import yaml
 from simlab.continual.registry import method_class
 from simlab.checkpoint import HOSPITAL_STATE, checkpoint_path, read_meta
 from simlab.data.streams import DataFactory
-from simlab.metrics.results import LABELS, arm_results, dice_by_round, rows_by_arm
+from simlab.metrics.results import LABELS, arm_results, dice_by_round, metric_matrices, rows_by_arm
 from simlab.runlog import RunLog
 from simlab.scenario.schema import LoadedScenario, load_scenario_dict, resolved_dict
 
@@ -154,9 +155,12 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
             **({"pool": res["pool"], "final_dice_oracle": res["final_dice_oracle"]} if "pool" in res else {}),
             "pooled": pooled,
             "per_hospital": res["per_hospital"],
+            "metrics": res["metrics"],
         }
         for hid, block in [("pooled", pooled), *res["per_hospital"].items()]:
             _write_matrix(run_dir / "R" / arm / f"{hid}.csv", block["R"], block["stages"])
+        for name, block in metric_matrices(res):
+            _write_matrix(run_dir / "R" / arm / name, block["R"], block["stages"])
         rounds, M = dice_by_round(by_arm.get(arm, []), [h.id for h in sc.hospitals], sc.eval_domains)
         out = run_dir / "dice_by_round" / f"{arm}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from simlab.compare import (
+    METRICS,
+    SPECS,
+    SUMMARY_KEYS,
     CompareError,
     Stat,
     Tolerance,
@@ -26,6 +30,7 @@ from simlab.compare import (
     parse_tolerance_args,
     read_baseline,
 )
+from simlab.metrics.registry import REGISTRY
 from simlab.report.commands import add_subcommands, dispatch, run_compare
 
 GOOD = {"acc": 0.70, "bwt": -0.10, "fwt": 0.20, "forgetting": 0.12, "bytes_total": 4_000_000, "wall_time_s": 30.0}
@@ -271,6 +276,67 @@ def test_bad_inputs(tmp_path, capsys):
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run")
     assert dispatch(parser.parse_args(["run"])) is None  # not one of ours
+
+
+# ------------------------------------------------------------------- registered metrics (HD95)
+def with_hd95(values: dict, hd95: float | None = 4.0, missed: float | None = 0.1) -> dict:
+    return {**values, "metrics": {"dice": {"mean": values["acc"]}, "hd95": {"mean": hd95, "missed": missed}}}
+
+
+def test_hd95_from_the_registry_in_the_table_lower_is_better(tmp_path, capsys):
+    assert SPECS["hd95"].direction == REGISTRY["hd95"].direction == "lower"
+    assert SPECS["hd95_missed"].direction == "lower"
+    assert [m.key for m in METRICS].index("hd95") == 4  # after the headline Dice metrics
+    a = make_run(tmp_path / "a", {"sequential": with_hd95(GOOD, 4.0, 0.1), "joint": with_hd95(GOOD, 3.0, 0.05)})
+    b = make_run(tmp_path / "b", {"sequential": with_hd95(GOOD, 5.0, 0.2), "joint": with_hd95(GOOD, 3.0, 0.05)}, seed=1)
+    run = load_run(a)
+    assert run.arms["sequential"]["hd95"] == 4.0 and run.arms["sequential"]["hd95_missed"] == 0.1
+    rc, out = compare(capsys, str(a), str(b))
+    assert rc == 0
+    assert "HD95 ↓" in out and "HD95 missed ↓" in out
+    assert "4.50 ± 0.71 (2)" in out and "0.150 ± 0.071 (2)" in out
+    old = make_run(tmp_path / "old", {"sequential": GOOD, "joint": GOOD}, seed=2)  # from before the registry
+    assert "hd95" not in load_run(old).arms["sequential"]
+    mixed = group_runs([load_run(a), load_run(b), load_run(old)])[0]
+    assert "hd95" not in mixed.stats["sequential"] and mixed.stats["sequential"]["acc"].n == 3
+
+
+def test_hd95_regressions_against_a_baseline(tmp_path, capsys):
+    ref = make_run(tmp_path / "ref", {"sequential": with_hd95(GOOD, 4.0, 0.1)})
+    base = tmp_path / "b.yaml"
+    assert compare(capsys, str(ref), "--write-baseline", str(base))[0] == 0
+    doc = yaml.safe_load(base.read_text())
+    assert doc["arms"]["sequential"]["hd95"] == {"mean": 4.0, "std": 0.0, "n": 1, "direction": "lower",
+                                                 "tolerance": "rel:0.25"}
+    assert doc["arms"]["sequential"]["hd95_missed"]["tolerance"] == "abs:0.05"
+    better = make_run(tmp_path / "better", {"sequential": with_hd95(GOOD, 2.0, 0.0)})
+    rc, out = compare(capsys, str(better), "--baseline", str(base))
+    assert rc == 0, out
+    group = group_runs([load_run(better)])[0]
+    verdicts = {r.metric: r.verdict for r in check_against_baseline(group, read_baseline(base)).rows}
+    assert verdicts["hd95"] == "better" and verdicts["hd95_missed"] == "better"
+    worse = make_run(tmp_path / "worse", {"sequential": with_hd95(GOOD, 5.5, 0.2)})  # allowed: +1.0, +0.05
+    rc, out = compare(capsys, str(worse), "--baseline", str(base))
+    assert rc == 1
+    regressed = [line for line in out.splitlines() if "REGRESSED arm" in line]
+    assert any("hd95 5.5 > 4 + 1" in line for line in regressed)
+    assert any("hd95_missed 0.2 > 0.1 + 0.05" in line for line in regressed) and len(regressed) == 2
+
+
+def test_a_metric_absent_from_the_baseline_is_not_checked(tmp_path, capsys):
+    ref = make_run(tmp_path / "ref", {"sequential": GOOD})
+    base = tmp_path / "b.yaml"
+    assert compare(capsys, str(ref), "--write-baseline", str(base))[0] == 0
+    new = make_run(tmp_path / "new", {"sequential": with_hd95(GOOD, 99.0, 1.0)})
+    rc, out = compare(capsys, str(new), "--baseline", str(base))
+    assert rc == 0 and "no regression" in out, out
+    # the committed regression baseline has no HD95 either: runs that report it still check against it
+    committed = Path(__file__).resolve().parent / "regression" / "baselines" / "forgetting.yaml"
+    doc = read_baseline(committed)
+    arms = {arm: with_hd95({k: e["mean"] for k, e in m.items()}, 7.0, 0.2) for arm, m in doc["arms"].items()}
+    run = make_run(tmp_path / "forgetting", arms, name=doc["scenario"])
+    result = check_against_baseline(group_runs([load_run(run)])[0], doc)
+    assert not result.regressions and {r.metric for r in result.rows} == set(SUMMARY_KEYS)
 
 
 # ------------------------------------------------------------------- planted regression, for real

@@ -45,7 +45,15 @@ def dice_value(arm: str, hospital: str, domain: str, t: int) -> float:
     return round(v - (0.03 if hospital == "h2" else 0.0), 6)
 
 
-def make_run_dir(path, arms: list[str], odex: bool = False, failures: bool = False):
+def hd95_value(arm: str, hospital: str, domain: str, t: int) -> float:
+    """Falls as the model learns; grows on A for the sequential arm once h1 has left A."""
+    v = 30.0 * math.exp(-t / 2) + 2.0
+    if arm.startswith("sequential") and domain == "A" and t >= 4:
+        v += 4.0 * (t - 3)
+    return round(v + (0.5 if hospital == "h2" else 0.0), 6)
+
+
+def make_run_dir(path, arms: list[str], odex: bool = False, failures: bool = False, hd95: bool = False):
     raw = {**SCENARIO, "arms": [{"name": a, "set": {"continual.method": "joint" if a.startswith("joint") else "sequential"}}
                                 for a in arms]}
     loaded = load_scenario_dict(raw, "synthetic.yaml")
@@ -59,6 +67,11 @@ def make_run_dir(path, arms: list[str], odex: bool = False, failures: bool = Fal
                 for d in ("A", "B", "C"):
                     rows.append({"arm": arm, "round": t, "hospital": h, "domain": d, "metric": "dice",
                                  "value": dice_value(arm, h, d, t)})
+                    if hd95:
+                        rows.append({"arm": arm, "round": t, "hospital": h, "domain": d, "metric": "hd95",
+                                     "value": hd95_value(arm, h, d, t)})
+                        rows.append({"arm": arm, "round": t, "hospital": h, "domain": d, "metric": "hd95_missed",
+                                     "value": 0.25 if t == 0 else 0.05})
                 if t > 0:
                     rows.append({"arm": arm, "round": t, "hospital": h, "domain": "A", "metric": "train_loss", "value": 1 / t})
             costs.append({"arm": arm, "round": t, "wall_time_s": 1.0 + 0.5 * (t % 2 == 0), "evaluated": t % 2 == 0,
@@ -128,6 +141,32 @@ def test_report_two_arms_with_pool_and_failures(tmp_path):
     assert "train_failed" in failures and "update_rejected" in failures and "<td class=\"num\">3</td>" in failures
     for arm in ("sequential", "joint"):
         assert f"{summary['arms'][arm]['acc']:.3f}" in summary_table
+
+
+def test_registered_metrics_in_the_report_and_results(tmp_path):
+    plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "joint"])
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "joint"], hd95=True)
+    # the headline files do not change when other metrics are logged
+    for rel in ("R/sequential/pooled.csv", "R/sequential/h1.csv", "R/joint/h2.csv", "dice_by_round/sequential.csv"):
+        assert (run / rel).read_bytes() == (plain / rel).read_bytes()
+    for hid in ("pooled", "h1", "h2"):
+        text = (run / "R" / "sequential" / f"{hid}.hd95.csv").read_text()
+        assert text.startswith("after_stage,")
+    assert not list((plain / "R" / "sequential").glob("*.hd95.csv"))
+    seq = summary["arms"]["sequential"]["metrics"]["hd95"]
+    assert seq["direction"] == "lower" and seq["forgetting"] > 0 and seq["bwt"] < 0  # A got worse after B
+    h1 = seq["per_hospital"]["h1"]
+    assert h1["forgetting"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0]) and h1["forgetting"] > 0
+    assert summary["arms"]["joint"]["metrics"]["hd95"]["forgetting"] <= 0  # joint keeps improving on A
+    assert seq["missed"] == pytest.approx(0.05) and "hd95" in summary["metric_labels"]
+    html = write_report(run).read_text()
+    summary_table = html.split('<h2 id="summary">')[1].split("<h3>")[0]
+    assert "<th class=\"num\">HD95 ↓</th>" in summary_table and "HD95 missed ↓" in summary_table
+    assert f"<td class=\"num\">{seq['mean']:.2f}</td>" in summary_table
+    assert "<h3>Final HD95 per test domain" in html and "(5%)" in html
+    definitions = html.split('<h2 id="definitions">')[1]
+    assert "<dt>hd95</dt>" in definitions and "<dt>hd95_missed</dt>" in definitions
+    assert "HD95" not in write_report(plain).read_text().split('<h2 id="summary">')[1].split("<h3>")[0]
 
 
 def test_report_errors(tmp_path):

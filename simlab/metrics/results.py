@@ -10,6 +10,12 @@ next group first appears (the last stage ends with the run); ``R[i][j]`` = mean 
 over group j's domains of the Dice at the end of stage i. The
 arm-level ``acc``/``bwt``/``fwt``/``forgetting`` in ``summary.json`` come from this pooled matrix;
 each hospital's own values are under ``per_hospital``.
+
+Every registered segmentation metric (:mod:`simlab.metrics.registry`) gets the same matrices from its
+own rows, in ``metrics.<name>`` (:func:`metric_block`): ``mean`` (the GEM ACC formula), ``bwt``,
+``fwt`` and ``forgetting`` oriented by the metric's better direction, so that for every metric
+positive BWT/FWT = better and positive forgetting = got worse. Dice stays the headline: its block
+repeats the arm-level numbers.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from collections import defaultdict
 import numpy as np
 
 from simlab.data.drift import plan, true_domains
-from simlab.metrics.continual import METRIC_LABELS, Stage, all_metrics, build_R, initial_scores, stages_from_domains
+from simlab.metrics.continual import (METRIC_LABELS, Stage, all_metrics, build_R, chaudhry_forgetting, gem_acc, gem_bwt,
+                                      gem_fwt, initial_scores, stages_from_domains)
+from simlab.metrics.registry import HEADLINE, REGISTRY, metric_labels
 from simlab.scenario.schema import Scenario
 
 
 class DiceTable:
-    """dice[(round, hospital, domain)] for one arm, from metrics.jsonl rows (metric 'dice')."""
+    """value[(round, hospital, domain)] of one metric for one arm, from metrics.jsonl rows ('dice' unless told)."""
 
     def __init__(self, rows: list[dict], metric: str = "dice"):
         self.values: dict[tuple[int, str, str], float] = {}
@@ -104,6 +112,75 @@ def arm_results(scenario: Scenario, rows: list[dict]) -> dict:
         oracle = DiceTable(rows, "dice_oracle")
         out["pool"] = pool
         out["final_dice_oracle"] = {d: _num(oracle.mean_over(final_round, ids, d)) for d in scenario.eval_domains}
+    out["metrics"] = {name: metric_block(scenario, rows, name) for name in REGISTRY
+                      if any(r["metric"] == name for r in rows)}
+    return out
+
+
+def _matrices(scenario: Scenario, table: DiceTable) -> tuple[dict, tuple]:
+    """Per-hospital and pooled (R, b, stages) of one metric's table."""
+    ids = [h.id for h in scenario.hospitals]
+    per_hospital = {}
+    for hid in ids:
+        stages = hospital_stages(scenario, hid)
+        per_hospital[hid] = (build_R(stages, lambda t, d, hid=hid: table.at(t, hid, d)),
+                             initial_scores(stages, lambda d, hid=hid: table.at(0, hid, d)), stages)
+    stages, groups = pooled_stages(scenario)
+
+    def pooled_at(t: int, label: str) -> float:
+        return float(np.mean([table.mean_over(t, ids, d) for d in groups[label]]))
+
+    return per_hospital, (build_R(stages, pooled_at), initial_scores(stages, lambda label: pooled_at(0, label)), stages)
+
+
+def oriented_metrics(R: np.ndarray, b: np.ndarray, direction: str) -> dict[str, float]:
+    """``mean`` (GEM ACC formula on R), and BWT, FWT, forgetting with positive = better (BWT, FWT) and
+    positive = got worse (forgetting) whatever the metric's direction: a lower-is-better metric is
+    negated before the GEM / Chaudhry formulas, which turns max into min and flips the differences."""
+    sign = 1.0 if direction == "higher" else -1.0
+    A, base = sign * np.asarray(R, dtype=np.float64), sign * np.asarray(b, dtype=np.float64)
+    return {"mean": gem_acc(R), "bwt": gem_bwt(A), "fwt": gem_fwt(A, base), "forgetting": chaudhry_forgetting(A)}
+
+
+def _oriented_block(R: np.ndarray, b: np.ndarray, stages: list[Stage], direction: str) -> dict:
+    return {
+        **{k: _num(v) for k, v in oriented_metrics(R, b, direction).items()},
+        "stages": [{"domain": s.domain, "first_round": s.first_round, "last_round": s.last_round} for s in stages],
+        "R": [[_num(x) for x in row] for row in R],
+        "b": [_num(x) for x in b],
+    }
+
+
+def metric_block(scenario: Scenario, rows: list[dict], name: str) -> dict:
+    """One registered metric's summary block: its direction and source, ``mean``/``bwt``/``fwt``/``forgetting``
+    of the pooled R, the final value per test domain (mean over hospitals), the pooled and per-hospital
+    R; for a metric that counts missed structures also ``missed`` (``mean`` of the pooled R of
+    ``<name>_missed``) and ``final_missed`` per domain."""
+    metric = REGISTRY[name]
+    table = DiceTable(rows, name)
+    ids = [h.id for h in scenario.hospitals]
+    final_round = scenario.federation.rounds
+    per_hospital, (R, b, stages) = _matrices(scenario, table)
+    block = {"direction": metric.direction, "source": metric.source,
+             **_oriented_block(R, b, stages, metric.direction),
+             "final": {d: _num(table.mean_over(final_round, ids, d)) for d in scenario.eval_domains}}
+    if metric.counts_missed:
+        missed = DiceTable(rows, metric.missed_name)
+        _, (Rm, _, _) = _matrices(scenario, missed)
+        block["missed"] = _num(gem_acc(Rm))
+        block["final_missed"] = {d: _num(missed.mean_over(final_round, ids, d)) for d in scenario.eval_domains}
+    block["pooled"] = {k: block.pop(k) for k in ("stages", "R", "b")}
+    block["per_hospital"] = {hid: _oriented_block(Rh, bh, st, metric.direction) for hid, (Rh, bh, st) in per_hospital.items()}
+    return block
+
+
+def metric_matrices(res: dict) -> list[tuple[str, dict]]:
+    """``(file name, block)`` of every non-headline metric's R in an :func:`arm_results` result:
+    ``<hospital>.<metric>.csv`` and ``pooled.<metric>.csv`` (the headline's are ``<hospital>.csv``)."""
+    out = []
+    for name, m in res.get("metrics", {}).items():
+        if name != HEADLINE:
+            out += [(f"{hid}.{name}.csv", block) for hid, block in [("pooled", m["pooled"]), *m["per_hospital"].items()]]
     return out
 
 
@@ -182,4 +259,4 @@ def rows_by_arm(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-LABELS = METRIC_LABELS
+LABELS = {**METRIC_LABELS, **metric_labels()}

@@ -6,10 +6,11 @@ Conventions
   ``[B, D, H, W]``) with values in ``0 .. num_classes-1``; class 0 is background.
 * Scores are returned per case and per foreground class as ``np.ndarray`` of shape
   ``[B, num_classes - 1]`` (column ``c - 1`` belongs to class ``c``), in float64.
-* Both metrics are computed by MONAI (``DiceMetric``, ``HausdorffDistanceMetric``) on
-  one-hot tensors with ``include_background=False``; the cases where a structure is
-  missing are decided here, explicitly, so that the result does not depend on how a
-  given MONAI version treats empty masks.
+* Both metrics are computed by MONAI (``DiceMetric`` on one-hot tensors with
+  ``include_background=False``; ``compute_hausdorff_distance``, the function behind
+  ``HausdorffDistanceMetric``, on the binary masks of one class); the cases where a
+  structure is missing are decided here, explicitly, so that the result does not depend
+  on how a given MONAI version treats empty masks.
 
 Empty-structure rule for Dice
 -----------------------------
@@ -45,7 +46,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from monai.metrics import DiceMetric, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 __all__ = [
@@ -130,24 +131,29 @@ def hd95_per_class(
 ) -> np.ndarray:
     """Per-case, per-foreground-class 95th-percentile symmetric Hausdorff distance, ``[B, num_classes - 1]``.
 
-    Computed by MONAI ``HausdorffDistanceMetric(include_background=False, percentile=95,
-    reduction="none")``; ``spacing`` (voxel size, scalar or one value per spatial axis) turns
-    voxel units into physical units (``None`` = unit spacing). Entries where the target or the
-    prediction lacks the class are NaN (undefined; see the module docstring), as is any
-    non-finite value MONAI might return.
+    Computed by MONAI ``compute_hausdorff_distance(percentile=95)`` (the function behind
+    ``HausdorffDistanceMetric``) on the pairs where both the target and the prediction hold
+    the class; ``spacing`` (voxel size, scalar or one value per spatial axis) turns voxel
+    units into physical units (``None`` = unit spacing). Entries where the target or the
+    prediction lacks the class are NaN (undefined; see the module docstring) and are not
+    handed to MONAI at all, as is any non-finite value MONAI might return.
     """
     pred, tgt = _check_labels(pred_labels, target, num_classes)
-    metric = HausdorffDistanceMetric(include_background=False, percentile=95.0, reduction="none")
-    with warnings.catch_warnings():
-        # Empty masks are handled explicitly below, and MONAI emits a deprecation notice
-        # about its own internal call of get_mask_edges; neither concerns the caller.
-        warnings.filterwarnings("ignore", message=r"the (ground truth|prediction) of class .* is all 0")
-        warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*", category=FutureWarning)
-        kwargs = {} if spacing is None else {"spacing": spacing}
-        scores = metric(_one_hot(pred, num_classes), _one_hot(tgt, num_classes), **kwargs)
-    out = scores.detach().to("cpu", torch.float64).numpy().reshape(pred.shape[0], num_classes - 1).copy()
+    out = np.full((pred.shape[0], num_classes - 1), np.nan, dtype=np.float64)
     defined = _presence(tgt, num_classes) & _presence(pred, num_classes)
-    out[~defined] = np.nan
+    kwargs = {} if spacing is None else {"spacing": spacing}
+    for c in range(1, num_classes):
+        rows = np.flatnonzero(defined[:, c - 1])
+        if not rows.size:
+            continue
+        sel = torch.from_numpy(rows)
+        p_mask = (pred[sel] == c).unsqueeze(1)
+        t_mask = (tgt[sel] == c).unsqueeze(1)
+        with warnings.catch_warnings():
+            # MONAI emits a deprecation notice about its own internal call of get_mask_edges.
+            warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*", category=FutureWarning)
+            scores = compute_hausdorff_distance(p_mask, t_mask, include_background=True, percentile=95.0, **kwargs)
+        out[rows, c - 1] = scores.detach().to("cpu", torch.float64).numpy().reshape(-1)
     out[~np.isfinite(out)] = np.nan
     return out
 

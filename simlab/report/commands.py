@@ -16,14 +16,15 @@ __all__ = ["add_subcommands", "dispatch", "run_compare", "run_report"]
 COMMANDS = ("compare", "report")
 
 COMPARE_HELP = """\
-Compare run directories: one table of arms x metrics (ACC, BWT, FWT, forgetting, final pool size when
-an arm keeps a pool, MB sent, wall time). Runs of the same scenario and settings that differ only by
-seed are grouped per arm and shown as mean ± std (n).
+Compare run directories: one table of arms x metrics (ACC, BWT, FWT, forgetting of Dice; every other
+registered segmentation metric, e.g. HD95 and its missed share; final pool size when an arm keeps a
+pool, MB sent, wall time). Runs of the same scenario and settings that differ only by seed are
+grouped per arm and shown as mean ± std (n).
 
 With --baseline FILE the runs are checked against a baseline written earlier by --write-baseline:
 each metric has a tolerance, absolute (abs:X) or relative to the baseline mean (rel:X), and a better
-direction (higher for acc, bwt, fwt; lower for forgetting, bytes_total, wall_time_s; pool_size
-either way). A change in the good direction never fails. Exit status 1 names every regressed arm and
+direction (higher for acc, bwt, fwt; lower for forgetting, hd95, hd95_missed, bytes_total,
+wall_time_s; pool_size either way). A change in the good direction never fails. Exit status 1 names every regressed arm and
 metric; 2 means the inputs do not match (a baseline arm or metric the runs lack, an arm the baseline
 lacks, another scenario).
 
@@ -60,12 +61,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _console(stderr: bool = False):
-    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 160 columns wide, so
+    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 220 columns wide, so
     that the tables are not squeezed into rich's default of 80."""
     from rich.console import Console
 
     c = Console(stderr=stderr)
-    return c if c.is_terminal else Console(stderr=stderr, width=160)
+    return c if c.is_terminal else Console(stderr=stderr, width=220)
 
 
 def run_compare(runs: list[str], baseline: str | None = None, write_baseline: str | None = None,

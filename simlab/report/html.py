@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from simlab.compare import final_pool_sizes, read_jsonl
+from simlab.metrics.registry import HEADLINE, REGISTRY
 
 __all__ = ["ReportError", "write_report"]
 
@@ -187,24 +188,50 @@ class _Page:
 
 
 # ------------------------------------------------------------------------------------ sections
+_ARROW = {"higher": "↑", "lower": "↓"}
+
+
+def _extra_metrics(run: RunData) -> list[str]:
+    """Registered metrics other than the headline with a block in some arm's summary, in registry order."""
+    return [n for n in REGISTRY if n != HEADLINE and any(n in (run.arm(a).get("metrics") or {}) for a in run.arms)]
+
+
+def _extra_columns(run: RunData) -> list[tuple[str, str, str, int]]:
+    """(header, metric, field, digits) of the summary-table columns the registry adds."""
+    cols = []
+    for n in _extra_metrics(run):
+        m = REGISTRY[n]
+        cols.append((f"{m.label} {_ARROW[m.direction]}", n, "mean", m.digits))
+        if m.counts_missed:
+            cols.append((f"{m.label} missed ↓", n, "missed", 3))
+    return cols
+
+
 def _summary_section(page: _Page, run: RunData) -> None:
     page.section("summary", "Summary")
     pools = final_pool_sizes([r for r in run.rows if r.get("metric") == "pool_size"])
-    head = ["arm", "method", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "forgetting ↓", "final pool K",
-            "MB sent", "wall s", "failed updates", "skipped rounds"]
+    extra = _extra_columns(run)
+    head = ["arm", "method", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "forgetting ↓", *[c[0] for c in extra],
+            "final pool K", "MB sent", "wall s", "failed updates", "skipped rounds"]
     rows, classes = [], []
     for name in run.arms:
         a = run.arm(name)
+        blocks = a.get("metrics") or {}
         classes.append("upper" if a.get("breaks_no_rehearsal") else "")
         label = _e(name) + (" <em>(upper bound, rehearses)</em>" if a.get("breaks_no_rehearsal") else "")
         rows.append([label, _e(a.get("method", "")), _e(a.get("aggregation", "")), _num(a.get("acc")),
                      _num(a.get("bwt"), True), _num(a.get("fwt"), True), _num(a.get("forgetting"), True),
+                     *[_num(blocks.get(n, {}).get(f), digits=d) for _, n, f, d in extra],
                      _e(f"{pools[name]:g}") if name in pools else "1 (single model)",
                      _num((a.get("bytes_total") or 0) / 1e6, digits=1), _num(a.get("wall_time_s"), digits=1),
                      _e(a.get("failed_updates", 0)), _e(a.get("skipped_rounds", 0))])
     page.add(_table(head, rows, classes))
     page.add('<p class="note">ACC, BWT, FWT and forgetting are computed on the <b>pooled</b> accuracy matrix '
              "(mean over hospitals; see the definitions at the end). ↑ higher is better, ↓ lower is better. "
+             + "".join(f"{_e(REGISTRY[n].label)}: mean of the final row of its pooled matrix"
+                       + (f", with the share of missed or false structures ({_e(REGISTRY[n].label)} missed), "
+                          "which its mean leaves out" if REGISTRY[n].counts_missed else "") + ". "
+                       for n in _extra_metrics(run)) +
              "An arm marked <em>upper bound</em> trains on old windows again: it breaks the no-rehearsal rule on "
              "purpose and is a reference, not a competitor.</p>")
 
@@ -221,6 +248,23 @@ def _summary_section(page: _Page, run: RunData) -> None:
     page.add(f"<h3>Final Dice per test domain (round {run.rounds}, mean over hospitals)</h3>")
     rows = [[_e(name), *[_num(run.arm(name).get("final_dice", {}).get(d)) for d in run.domains]] for name in run.arms]
     page.add(_table(["arm", *run.domains], rows))
+    for n in _extra_metrics(run):
+        m = REGISTRY[n]
+        unit = f", {m.unit}" if m.unit else ""
+        missed = " (missed share in parentheses)" if m.counts_missed else ""
+        page.add(f"<h3>Final {_e(m.label)} per test domain (round {run.rounds}, mean over hospitals{_e(unit)}, "
+                 f"{_e(m.direction)} is better){_e(missed)}</h3>")
+        rows = []
+        for name in run.arms:
+            block = (run.arm(name).get("metrics") or {}).get(n, {})
+            cells = []
+            for d in run.domains:
+                cell = _num(block.get("final", {}).get(d), digits=m.digits)
+                if m.counts_missed and block.get("final_missed", {}).get(d) is not None:
+                    cell += f" ({block['final_missed'][d]:.0%})"
+                cells.append(cell)
+            rows.append([_e(name), *cells])
+        page.add(_table(["arm", *run.domains], rows))
 
 
 def _scenario_section(page: _Page, run: RunData) -> None:
