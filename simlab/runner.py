@@ -33,7 +33,7 @@ import yaml
 from simlab.continual.registry import method_class
 from simlab.checkpoint import HOSPITAL_STATE, checkpoint_path, read_meta
 from simlab.data.streams import DataFactory
-from simlab.metrics.results import LABELS, arm_results, dice_by_round, metric_matrices, rows_by_arm
+from simlab.results import LABELS, arm_results, dice_by_round, metric_matrices, rows_by_arm
 from simlab.runlog import RunLog
 from simlab.scenario.schema import LoadedScenario, load_scenario_dict, resolved_dict
 

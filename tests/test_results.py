@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simlab.metrics.results import LABELS, arm_results, hospital_stages, metric_matrices, pool_events, pooled_stages
+from simlab.results import LABELS, arm_results, hospital_stages, metric_matrices, pool_events, pooled_stages
 from simlab.scenario.schema import load_scenario_dict
 
 RAW = {
