@@ -21,7 +21,7 @@ and collects the results into the run-directory format of ``simlab run``:
   run. Everything lives in a state directory: ``FLWR_HOME``, process records (``deploy.json``, with
   each process's start time so that a recycled PID is never signalled), logs.
 * :func:`run_deployment` runs every arm of a scenario, one Flower run per arm, and then calls
-  :func:`simlab.runner.write_results`, so the run directory holds exactly what ``simlab run`` writes,
+  :func:`simlab.rundir.run_arms`, so the run directory holds exactly what ``simlab run`` writes,
   plus ``flower-<arm>.log`` (the ``flwr log`` of each run).
 
 Ports are chosen at run time by binding port 0 (:func:`free_ports`), so concurrent deployments on
@@ -818,13 +818,13 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
     A run that ends other than ``finished:completed`` stops everything: ``FAILED`` is written into the
     run directory with the status details, and :class:`DeploymentError` carries the tail of its log.
     """
-    from simlab.runner import _atomic_write, arm_status, resume_inputs, start_run_dir, write_results
+    from simlab.rundir import clear_failed, read_run_info, resume_inputs, run_arms, start_run_dir, write_run_info
     from simlab.scenario.schema import load_scenario
 
     if resume_dir is not None:
         run_dir, _, info = resume_inputs(resume_dir)
         scenario, overrides, seed = info["scenario"], info["overrides"], info["seed"]
-        (run_dir / "FAILED").unlink(missing_ok=True)
+        clear_failed(run_dir)
         for run_id in info.get("flower_runs", {}).values():
             try:
                 stale = not str(dep.status(run_id).get("status", "")).startswith(FINISHED)
@@ -837,36 +837,25 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
     loaded = load_scenario(path, overrides, seed, out)
     server_overrides = overrides + ([f"seed={seed}"] if seed is not None else [])
     if resume_dir is None:
-        info = {"engine": "deployment", "scenario": str(path), "overrides": overrides, "seed": seed,
-                "deployment_state": str(dep.state_dir), "flower_runs": {}}
-        run_dir = start_run_dir(loaded, info)
-        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    wall: dict[str, float] = {}
-    try:
-        for arm, sc in loaded.arms.items():
-            done, before = arm_status(run_dir, arm, sc) if resume_dir is not None else (False, 0.0)
-            if done:
-                wall[arm] = before
-                continue
-            start = time.perf_counter()
-            run_id = dep.submit({"scenario": str(path), "arm": arm, "run-dir": str(run_dir),
-                                 "overrides": json.dumps(server_overrides), "resume": resume_dir is not None},
-                                app_dir)
-            info["flower_runs"] = {**info.get("flower_runs", {}), arm: run_id}
-            _atomic_write(run_dir / "run.json", json.dumps(info, indent=1))
-            try:
-                st = dep.wait(run_id, timeout_s or default_timeout(sc))
-            finally:
-                (run_dir / f"flower-{arm}.log").write_text(dep.run_logs(run_id), encoding="utf-8")
-            wall[arm] = before + time.perf_counter() - start
-            if st.get("status") != COMPLETED:
-                logs = (run_dir / f"flower-{arm}.log").read_text(encoding="utf-8")
-                raise DeploymentError(f"arm {arm}: run {run_id} ended {st.get('status')}: {st.get('status-details', '')}"
-                                      f"\n--- end of its log ---\n" + "\n".join(logs.splitlines()[-30:]))
-        return run_dir, write_results(run_dir, loaded, wall)
-    except BaseException as exc:
-        _atomic_write(run_dir / "FAILED", f"{type(exc).__name__}: {exc}\n")
-        raise
+        run_dir = start_run_dir(loaded, {"engine": "deployment", "scenario": str(path), "overrides": overrides,
+                                         "seed": seed, "deployment_state": str(dep.state_dir), "flower_runs": {}})
+        info = read_run_info(run_dir)
+
+    def run_arm(arm: str, sc) -> None:
+        run_id = dep.submit({"scenario": str(path), "arm": arm, "run-dir": str(run_dir),
+                             "overrides": json.dumps(server_overrides), "resume": resume_dir is not None}, app_dir)
+        info["flower_runs"] = {**info.get("flower_runs", {}), arm: run_id}
+        write_run_info(run_dir, info)
+        try:
+            st = dep.wait(run_id, timeout_s or default_timeout(sc))
+        finally:
+            (run_dir / f"flower-{arm}.log").write_text(dep.run_logs(run_id), encoding="utf-8")
+        if st.get("status") != COMPLETED:
+            logs = (run_dir / f"flower-{arm}.log").read_text(encoding="utf-8")
+            raise DeploymentError(f"arm {arm}: run {run_id} ended {st.get('status')}: {st.get('status-details', '')}"
+                                  f"\n--- end of its log ---\n" + "\n".join(logs.splitlines()[-30:]))
+
+    return run_dir, run_arms(run_dir, loaded, run_arm, resume=resume_dir is not None)
 
 
 # ---------------------------------------------------------------------------------------- command line
