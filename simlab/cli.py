@@ -183,7 +183,9 @@ def _resume(run_dir: str, args, console, err) -> int:
     path, loaded, info = resume_inputs(run_dir)
     console.print(f"resuming {path} ({info.get('engine', 'simulation')})")
     if info.get("engine") == "deployment":
-        from simlab.engine.deploy import Deployment, DeploymentError, run_deployment
+        from simlab.engine.deploy_run import run_deployment
+        from simlab.engine.deployment import Deployment
+        from simlab.engine.flwr_config import DeploymentError
 
         try:
             run_dir_, summary = run_deployment(None, Deployment(info["deployment_state"]), resume_dir=path)
