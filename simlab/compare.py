@@ -24,7 +24,7 @@ Grouping
 --------
 Runs are grouped by scenario name *and* settings: the resolved ``scenario.yaml`` without ``seed``,
 ``output``, ``description`` and ``data.cache_dir`` is hashed (SHA-256 of its canonical JSON, first 12
-hex digits, the *fingerprint*). Runs of one group differ
+hex digits, the *fingerprint*, :func:`simlab.rundir.settings_fingerprint`). Runs of one group differ
 only by seed (or are repeats); per arm and metric the group shows mean ± std (n). ``std`` is the
 sample standard deviation (ddof = 1) for n ≥ 2 and 0 for n = 1. A metric that is undefined (null,
 e.g. BWT with one stage) in every run stays null; defined in some runs and null in others is an
@@ -56,7 +56,6 @@ silent pass; a different fingerprint (settings changed) is a warning printed wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -67,7 +66,7 @@ from typing import Any, Literal
 import yaml
 
 from simlab.fileio import atomic_write
-from simlab.rundir import RunDirError, read_finished_run
+from simlab.rundir import RunDirError, fingerprinted_settings, read_finished_run, settings_fingerprint
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -82,7 +81,6 @@ __all__ = [
     "Tolerance",
     "baseline_document",
     "check_against_baseline",
-    "fingerprint",
     "group_runs",
     "is_regression",
     "load_run",
@@ -154,22 +152,6 @@ SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting", "bytes_total", "wall_time_s")
 
 
 # ------------------------------------------------------------------------------------ reading
-_UNSET = ("seed", "output", "description")
-
-
-def _settings(scenario: dict) -> dict:
-    s = {k: v for k, v in scenario.items() if k not in _UNSET}
-    if isinstance(s.get("data"), dict):
-        s["data"] = {k: v for k, v in s["data"].items() if k != "cache_dir"}
-    return s
-
-
-def fingerprint(scenario: dict) -> str:
-    """Short SHA-256 of the resolved scenario without seed, output, description and data.cache_dir."""
-    text = json.dumps(_settings(scenario), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys → leaf values (lists of scalars stay leaves; lists of mappings use [i])."""
     out: dict[str, Any] = {}
@@ -231,8 +213,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
         meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal")}
     return RunInfo(path=path, scenario=str(summary.get("scenario") or scenario.get("name") or path.name),
                    seed=summary.get("seed", scenario.get("seed")),
-                   fingerprint=fingerprint(scenario) if scenario else None,
-                   settings=flatten(_settings(scenario)) if scenario else {}, arms=arms, meta=meta)
+                   fingerprint=settings_fingerprint(scenario) if scenario else None,
+                   settings=flatten(fingerprinted_settings(scenario)) if scenario else {}, arms=arms, meta=meta)
 
 
 # ----------------------------------------------------------------------------------- grouping

@@ -29,6 +29,7 @@ import torch) are imported by the functions that need them, so reading a run sta
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -53,6 +54,7 @@ __all__ = [
     "arm_status",
     "clear_failed",
     "failure",
+    "fingerprinted_settings",
     "make_run_dir",
     "mark_failed",
     "read_finished_run",
@@ -60,6 +62,7 @@ __all__ = [
     "read_run_info",
     "resume_inputs",
     "run_arms",
+    "settings_fingerprint",
     "start_run_dir",
     "write_results",
     "write_run_info",
@@ -306,3 +309,33 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
         except ScenarioError as exc:
             raise RunDirError(str(exc)) from None
     return FinishedRun(path, summary, scenario if isinstance(scenario, dict) else {})
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+_NOT_SETTINGS = ("seed", "output", "description")
+
+
+def fingerprinted_settings(plain: dict, *, seed: bool = False) -> dict:
+    """The part of a plain scenario (a resolved ``scenario.yaml``, or one arm's scenario as plain data)
+    that :func:`settings_fingerprint` covers: everything but ``output`` (where results go, whether
+    checkpoints are kept), ``description`` (prose), ``data.cache_dir`` (where generated data is cached;
+    the data are the same) and, unless ``seed``, ``seed``. The input is not changed."""
+    dropped = [k for k in _NOT_SETTINGS if not (seed and k == "seed")]
+    out = {k: v for k, v in plain.items() if k not in dropped}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k != "cache_dir"}
+    return out
+
+
+def settings_fingerprint(plain: dict, *, seed: bool = False) -> str:
+    """Short SHA-256 (12 hex digits) of the canonical JSON (sorted keys, no spaces) of
+    :func:`fingerprinted_settings`.
+
+    Two runs with one fingerprint ran the same experiment: ``simlab compare`` groups them and treats
+    them as repeats that differ only by seed, so the seed is left out by default. ``seed=True`` adds
+    it, for checks that a run continues the very run it started as (a checkpoint of another seed
+    must not be resumed). Every other key counts, including every arm's resolved settings in a
+    ``scenario.yaml``: a changed learning rate, model or drift schedule is another fingerprint.
+    """
+    text = json.dumps(fingerprinted_settings(plain, seed=seed), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]

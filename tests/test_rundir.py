@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,9 +15,9 @@ import yaml
 
 from simlab.checkpoint import checkpoint_path, save_checkpoint
 from simlab.fileio import atomic_write, atomic_writer
-from simlab.rundir import (RunDirError, arm_status, clear_failed, failure, make_run_dir,
+from simlab.rundir import (RunDirError, arm_status, clear_failed, failure, fingerprinted_settings, make_run_dir,
                            mark_failed, read_finished_run, read_jsonl, read_run_info, resume_inputs, run_arms,
-                           start_run_dir, write_run_info)
+                           settings_fingerprint, start_run_dir, write_run_info)
 from simlab.runlog import RunLog
 from simlab.scenario.schema import load_scenario_dict, resolved_dict
 
@@ -207,6 +208,21 @@ def test_readers_name_what_is_broken(tmp_path):
     with pytest.raises(RunDirError, match=r"metrics.jsonl: line 3: not JSON"):
         read_jsonl(tmp_path / "metrics.jsonl")
     assert read_jsonl(tmp_path / "metrics.jsonl", must_contain='1}') == [{"a": 1}]
+
+
+# ---------------------------------------------------------------------------------------- fingerprint
+def test_fingerprint_rule():
+    plain = {"name": "s", "seed": 1, "description": "prose", "output": {"dir": "/x"},
+             "data": {"image_size": 32, "cache_dir": "/c"}, "federation": {"lr": 0.01}}
+    before = json.dumps(plain, sort_keys=True)
+    assert fingerprinted_settings(plain) == {"name": "s", "data": {"image_size": 32}, "federation": {"lr": 0.01}}
+    assert json.dumps(plain, sort_keys=True) == before  # the input is not changed
+    canonical = '{"data":{"image_size":32},"federation":{"lr":0.01},"name":"s"}'
+    assert settings_fingerprint(plain) == hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    moved = {**plain, "seed": 2, "description": "", "output": {"dir": "/y"}, "data": {"image_size": 32, "cache_dir": "/d"}}
+    assert settings_fingerprint(moved) == settings_fingerprint(plain)
+    assert settings_fingerprint(moved, seed=True) != settings_fingerprint(plain, seed=True)
+    assert settings_fingerprint({**plain, "federation": {"lr": 0.1}}) != settings_fingerprint(plain)
 
 
 # ---------------------------------------------------------------------------------------- layering
