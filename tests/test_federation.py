@@ -1,4 +1,5 @@
-"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism."""
+"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism; and
+the command line refusing a taken run directory or an invalid scenario before any engine starts."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import json
 import pytest
 
 from simlab.cli import main
-
-pytestmark = pytest.mark.flower
 
 TINY = """\
 name: tiny
@@ -42,6 +41,7 @@ def read_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.flower
 def test_two_arms_through_flower(scenario, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", str(scenario), "--out", str(out), "--quiet",
@@ -77,6 +77,7 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
     assert all(c["bytes_up"] > 0 for c in costs if c["round"] > 0)
 
 
+@pytest.mark.flower
 def test_same_seed_identical_metrics(scenario, tmp_path):
     runs = []
     for i in range(2):
@@ -109,6 +110,7 @@ ODEX = TINY.replace("federation: {{rounds: 4, local_steps: 2, batch_size: 4, lr:
                     "federation: {{rounds: 5, local_steps: 3, batch_size: 4, lr: 0.005}}")
 
 
+@pytest.mark.flower
 def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
     p = tmp_path / "odex.yaml"
     p.write_text(ODEX.format(cache=tmp_path / "cache"))
