@@ -16,7 +16,7 @@ Run directory::
     hospital-state/      simulation: the hospitals' saved method state, removed when an arm completes
     flower-<arm>.log     deployment: the ``flwr log`` of each arm's Flower run
 
-Both engines (simulation, :mod:`simlab.runner`; deployment, :mod:`simlab.engine.deployment`) go
+Both engines (simulation, :mod:`simlab.runner`; deployment, :mod:`simlab.engine.deploy_run`) go
 through :func:`run_arms`, so they write the same files the same way; ``metrics.jsonl`` and
 ``rounds.jsonl`` are appended by :class:`simlab.runlog.RunLog` inside the ServerApp. Every other file
 written here is written atomically (:mod:`simlab.fileio`). :func:`read_finished_run` and
