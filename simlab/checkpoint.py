@@ -15,19 +15,20 @@ Two kinds of state survive a crash, each where it lives:
   each hospital which round's state continues the run (the last round the server received its
   update for), and the hospital loads it.
 
-Files are written to a temporary name and renamed, so a crash leaves the previous checkpoint whole.
+Files are written atomically (:mod:`simlab.fileio`), so a crash leaves the previous checkpoint whole.
 Arrays are stored with ``allow_pickle=False``; metadata is JSON inside the same file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from simlab.fileio import atomic_writer
 
 VERSION = 1
 HOSPITAL_STATE = "hospital-state"  # simulation: the hospitals' saved state inside the run directory
@@ -39,13 +40,8 @@ class CheckpointError(RuntimeError):
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_writer(path, fsync=True) as fh:
         np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
-    from simlab.runner import RunDirError, data_items, run_scenario
+    from simlab.rundir import RunDirError
+    from simlab.runner import data_items, run_scenario
     from simlab.config import ScenarioError
     from simlab.scenario.schema import load_scenario
 
@@ -176,12 +177,15 @@ def _finish(console, summary: dict, run_dir: Path, args) -> int:
 
 def _resume(run_dir: str, args, console, err) -> int:
     """``simlab run --resume``: the engine the run started on (run.json) continues it."""
-    from simlab.runner import data_items, resume_inputs, run_scenario
+    from simlab.rundir import resume_inputs
+    from simlab.runner import data_items, run_scenario
 
     path, loaded, info = resume_inputs(run_dir)
     console.print(f"resuming {path} ({info.get('engine', 'simulation')})")
     if info.get("engine") == "deployment":
-        from simlab.engine.deploy import Deployment, DeploymentError, run_deployment
+        from simlab.engine.deploy_run import run_deployment
+        from simlab.engine.deployment import Deployment
+        from simlab.engine.flwr_config import DeploymentError
 
         try:
             run_dir_, summary = run_deployment(None, Deployment(info["deployment_state"]), resume_dir=path)

@@ -33,10 +33,11 @@ Grouping
 --------
 Runs are grouped by scenario name *and* settings: the resolved ``scenario.yaml`` without ``seed``,
 ``output``, ``description`` and ``data.cache_dir`` is hashed (SHA-256 of its canonical JSON, first 12
-hex digits, the *fingerprint*). Runs of one group differ only by seed (or are repeats); per arm and
-metric the group shows mean ± std (n). ``std`` is the sample standard deviation (ddof = 1) for n ≥ 2
-and 0 for n = 1. A metric that is undefined (null, e.g. BWT with one stage) in every run stays null;
-defined in some runs and null in others is an error (the runs do not measure the same thing).
+hex digits, the *fingerprint*, :func:`simlab.rundir.settings_fingerprint`). Runs of one group differ
+only by seed (or are repeats); per arm and metric the group shows mean ± std (n). ``std`` is the
+sample standard deviation (ddof = 1) for n ≥ 2 and 0 for n = 1. A metric that is undefined (null,
+e.g. BWT with one stage) in every run stays null; defined in some runs and null in others is an
+error (the runs do not measure the same thing).
 
 Tolerances and direction
 ------------------------
@@ -64,7 +65,6 @@ silent pass; a different fingerprint (settings changed) is a warning printed wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -74,7 +74,9 @@ from typing import Any, Literal
 
 import yaml
 
+from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
+from simlab.rundir import RunDirError, fingerprinted_settings, read_finished_run, settings_fingerprint
 
 __all__ = [
     "BASELINE_FORMAT",
@@ -89,13 +91,11 @@ __all__ = [
     "Tolerance",
     "baseline_document",
     "check_against_baseline",
-    "fingerprint",
     "group_runs",
     "is_regression",
     "load_run",
     "parse_tolerance_args",
     "read_baseline",
-    "read_jsonl",
     "write_baseline",
 ]
 
@@ -183,36 +183,6 @@ SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting", "bytes_total", "wall_time_s")
 
 
 # ------------------------------------------------------------------------------------ reading
-def read_jsonl(path: Path, must_contain: str | None = None) -> list[dict]:
-    """Rows of a JSON-lines file; with ``must_contain`` only lines holding that text are parsed."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip() or (must_contain is not None and must_contain not in line):
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise CompareError(f"{path}: line {n}: not JSON ({exc.msg})") from None
-    return rows
-
-
-_UNSET = ("seed", "output", "description")
-
-
-def _settings(scenario: dict) -> dict:
-    s = {k: v for k, v in scenario.items() if k not in _UNSET}
-    if isinstance(s.get("data"), dict):
-        s["data"] = {k: v for k, v in s["data"].items() if k != "cache_dir"}
-    return s
-
-
-def fingerprint(scenario: dict) -> str:
-    """Short SHA-256 of the resolved scenario without seed, output, description and data.cache_dir."""
-    text = json.dumps(_settings(scenario), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys → leaf values (lists of scalars stay leaves; lists of mappings use [i])."""
     out: dict[str, Any] = {}
@@ -254,30 +224,12 @@ def final_pool_sizes(rows: list[dict]) -> dict[str, float]:
 
 def load_run(run_dir: str | Path) -> RunInfo:
     """Read ``summary.json``, ``scenario.yaml`` and the pool sizes of ``metrics.jsonl``."""
-    from simlab.config import ScenarioError, read_yaml
-
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise CompareError(f"{path}: not a run directory")
-    summary_path = path / "summary.json"
-    if not summary_path.is_file():
-        failed = path / "FAILED"
-        why = f" (the run failed: {failed.read_text().strip()})" if failed.is_file() else " (unfinished or not a run directory)"
-        raise CompareError(f"{path}: no summary.json{why}")
     try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CompareError(f"{summary_path}: not JSON ({exc.msg})") from None
-    if not isinstance(summary.get("arms"), dict) or not summary["arms"]:
-        raise CompareError(f"{summary_path}: no arms")
-    scenario: dict = {}
-    if (path / "scenario.yaml").is_file():
-        try:
-            loaded = read_yaml(path / "scenario.yaml")
-        except ScenarioError as exc:
-            raise CompareError(str(exc)) from None
-        scenario = loaded if isinstance(loaded, dict) else {}
-    pools = final_pool_sizes(read_jsonl(path / "metrics.jsonl", "pool_size")) if (path / "metrics.jsonl").is_file() else {}
+        run = read_finished_run(run_dir)
+        pools = final_pool_sizes(run.metrics("pool_size"))
+    except RunDirError as exc:
+        raise CompareError(str(exc)) from None
+    path, summary, scenario = run.dir, run.summary, run.scenario
     arms: dict[str, dict[str, float | None]] = {}
     meta: dict[str, dict[str, Any]] = {}
     for name, a in summary["arms"].items():
@@ -297,8 +249,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
         meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal")}
     return RunInfo(path=path, scenario=str(summary.get("scenario") or scenario.get("name") or path.name),
                    seed=summary.get("seed", scenario.get("seed")),
-                   fingerprint=fingerprint(scenario) if scenario else None,
-                   settings=flatten(_settings(scenario)) if scenario else {}, arms=arms, meta=meta)
+                   fingerprint=settings_fingerprint(scenario) if scenario else None,
+                   settings=flatten(fingerprinted_settings(scenario)) if scenario else {}, arms=arms, meta=meta)
 
 
 # ----------------------------------------------------------------------------------- grouping
@@ -429,10 +381,7 @@ def write_baseline(path: str | Path, group: Group, tolerances: dict[str, Toleran
         text = json.dumps({"comment": header, **doc}, indent=2, allow_nan=False) + "\n"
     else:
         text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text)
     return doc
 
 

@@ -29,7 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from simlab.engine import deploy as D
+from simlab.engine.deploy_cli import main as deploy_main
+from simlab.engine.deploy_run import bring_up, run_deployment
+from simlab.engine.deployment import Deployment, default_app_dir
+from simlab.engine.flwr_config import CONNECTION, DeploymentError, last_json, node_config_arg, run_config_toml
+from simlab.engine.pki import Pki, add_node_keys, make_pki
+from simlab.engine.procs import ProcRecord, children_map, descendants, free_ports, proc_stat, watchers_of
 
 TINY = """\
 name: tiny-deploy
@@ -56,7 +61,7 @@ def test_pki_chain_sans_and_node_keys(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    pki = D.make_pki(tmp_path / "pki", ["h1", "h2"], dns_names=["fl.example.org"], ips=["10.1.2.3"])
+    pki = make_pki(tmp_path / "pki", ["h1", "h2"], dns_names=["fl.example.org"], ips=["10.1.2.3"])
     ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     srv = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
     srv.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
@@ -79,18 +84,18 @@ def test_pki_chain_sans_and_node_keys(tmp_path):
 
 
 def test_pki_reuses_ca_and_keeps_node_keys(tmp_path):
-    pki = D.make_pki(tmp_path, ["h1"])
+    pki = make_pki(tmp_path, ["h1"])
     ca, key = pki.ca_cert.read_bytes(), pki.node_key("h1").read_bytes()
-    D.make_pki(tmp_path, ["h1", "h2"], dns_names=["other.example"])
+    make_pki(tmp_path, ["h1", "h2"], dns_names=["other.example"])
     assert pki.ca_cert.read_bytes() == ca and pki.node_key("h1").read_bytes() == key
     assert pki.nodes() == ["h1", "h2"]
-    with pytest.raises(D.DeploymentError, match="letters, digits"):
-        D.add_node_keys(pki, ["../evil"])
+    with pytest.raises(DeploymentError, match="letters, digits"):
+        add_node_keys(pki, ["../evil"])
 
 
 def test_tls_handshake_against_generated_certificate(tmp_path):
     """A TLS server using server.pem is accepted by a client trusting only ca.crt, for 127.0.0.1."""
-    pki = D.make_pki(tmp_path)
+    pki = make_pki(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
     client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
@@ -110,7 +115,7 @@ def test_tls_handshake_against_generated_certificate(tmp_path):
     th.join(5)
     listener.close()
     # A certificate from another CA is refused.
-    other = D.make_pki(tmp_path / "other")
+    other = make_pki(tmp_path / "other")
     bad_ctx = ssl.create_default_context(cafile=str(other.ca_cert))
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -133,7 +138,7 @@ def _accept_quietly(listener, ctx):
 
 # ----------------------------------------------------------------------------------- small helpers
 def test_free_ports_are_distinct_and_bindable():
-    ports = D.free_ports(5)
+    ports = free_ports(5)
     assert len(set(ports)) == 5
     for p in ports:
         with socket.socket() as s:
@@ -143,11 +148,11 @@ def test_free_ports_are_distinct_and_bindable():
 def test_node_config_arg_is_valid_flower_syntax():
     from flwr.common.config import parse_config_args
 
-    text = D.node_config_arg({"hospital-id": "st-mary", "data-dir": "/data/st mary".replace(" ", "_"),
+    text = node_config_arg({"hospital-id": "st-mary", "data-dir": "/data/st mary".replace(" ", "_"),
                               "fail-at-round": 2})
     assert parse_config_args([text]) == {"hospital-id": "st-mary", "data-dir": "/data/st_mary", "fail-at-round": 2}
-    with pytest.raises(D.DeploymentError, match="spaces or quotes"):
-        D.node_config_arg({"data-dir": "/with space"})
+    with pytest.raises(DeploymentError, match="spaces or quotes"):
+        node_config_arg({"data-dir": "/with space"})
 
 
 def test_run_config_file_survives_quotes_spaces_and_json(tmp_path):
@@ -156,35 +161,35 @@ def test_run_config_file_survives_quotes_spaces_and_json(tmp_path):
     values = {"scenario": "/data/my study/it's \"here\".yaml", "overrides": json.dumps(["seed=7", "a.b=[1, 2]"]),
               "arm": "odex", "n": 3, "flag": True}
     path = tmp_path / "rc.toml"
-    path.write_text(D.run_config_toml(values))
+    path.write_text(run_config_toml(values))
     assert parse_config_args([str(path)]) == values
-    with pytest.raises(D.DeploymentError, match="run config key"):
-        D.run_config_toml({"bad key": 1})
+    with pytest.raises(DeploymentError, match="run config key"):
+        run_config_toml({"bad key": 1})
 
 
 def test_command_line_pki_errors_and_down(tmp_path, capsys):
     sc = tmp_path / "s.yaml"
     sc.write_text(TINY.format(cache=tmp_path / "c"))
-    assert D.main(["pki", str(tmp_path / "pki"), "--scenario", str(sc), "--node", "extra", "--ip", "10.0.0.7"]) == 0
+    assert deploy_main(["pki", str(tmp_path / "pki"), "--scenario", str(sc), "--node", "extra", "--ip", "10.0.0.7"]) == 0
     assert "10.0.0.7" in capsys.readouterr().out
-    assert D.Pki(tmp_path / "pki").nodes() == ["extra", "h1", "h2", "h3"]
-    assert D.main(["up", str(sc), "--pki", str(tmp_path / "nopki"), "--state", str(tmp_path / "st")]) == 1
+    assert Pki(tmp_path / "pki").nodes() == ["extra", "h1", "h2", "h3"]
+    assert deploy_main(["up", str(sc), "--pki", str(tmp_path / "nopki"), "--state", str(tmp_path / "st")]) == 1
     assert "not a PKI directory" in capsys.readouterr().err
-    assert D.main(["up", str(sc), "--pki", str(tmp_path / "pki"), "--state", str(tmp_path / "st"),
+    assert deploy_main(["up", str(sc), "--pki", str(tmp_path / "pki"), "--state", str(tmp_path / "st"),
                    "--hospitals", "4"]) == 1
     assert "the scenario has 3 hospitals" in capsys.readouterr().err
-    assert D.main(["down", "--state", str(tmp_path / "st")]) == 0
+    assert deploy_main(["down", "--state", str(tmp_path / "st")]) == 0
     assert "stopped 0 process(es)" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.format(cache=tmp_path / "c").replace("rounds: 2", "rounds: two"))
-    assert D.main(["run", str(bad), "--state", str(tmp_path / "st")]) == 2
+    assert deploy_main(["run", str(bad), "--state", str(tmp_path / "st")]) == 2
     assert "federation.rounds" in capsys.readouterr().err
 
 
 def test_last_json_picks_the_object_after_log_lines():
-    assert D._last_json('Using SuperLink: x\n✅ done\n{"success": true, "run-id": "7"}\n') == {"success": True,
+    assert last_json('Using SuperLink: x\n✅ done\n{"success": true, "run-id": "7"}\n') == {"success": True,
                                                                                              "run-id": "7"}
-    assert D._last_json("no json here") is None
+    assert last_json("no json here") is None
 
 
 def test_fab_of_the_deploy_app_carries_no_code_runs_or_caches(tmp_path):
@@ -194,7 +199,7 @@ def test_fab_of_the_deploy_app_carries_no_code_runs_or_caches(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     app = tmp_path / "app"
-    shutil.copytree(D.default_app_dir(), app)
+    shutil.copytree(default_app_dir(), app)
     (app / "runs" / "r1").mkdir(parents=True)
     (app / "runs" / "r1" / "metrics.jsonl").write_text("{}\n" * 1000)
     (app / "stray.py").write_text("x = 1\n")
@@ -242,51 +247,51 @@ def test_missing_hospital_fails_after_the_connect_timeout_not_the_round_timeout(
 def test_stop_kills_the_whole_tree_by_pid_and_spares_recycled_pids(tmp_path):
     """A recorded process and its (detached) child are stopped; a record whose PID now belongs to
     another process (different start time) is left alone."""
-    dep = D.Deployment(tmp_path / "state")
+    dep = Deployment(tmp_path / "state")
     script = ("import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
               "time.sleep(60)")
     rec = dep._spawn("supernode", "x", [sys.executable, "-c", script], 0)
     deadline = time.monotonic() + 10
-    while not D.descendants(rec.pid) and time.monotonic() < deadline:
+    while not descendants(rec.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    child = D.descendants(rec.pid)[0]
+    child = descendants(rec.pid)[0]
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        fake = D.ProcRecord("supernode", "ghost", bystander.pid, start_ticks=1, port=0, log="", cmd=[])
+        fake = ProcRecord("supernode", "ghost", bystander.pid, start_ticks=1, port=0, log="", cmd=[])
         dep.records.append(fake)
         assert not fake.alive()  # same PID, other start time: not ours
-        reloaded = D.Deployment(tmp_path / "state")  # another process picking the state up
+        reloaded = Deployment(tmp_path / "state")  # another process picking the state up
         assert [r.name for r in reloaded.records] == ["x"] and reloaded.records[0].alive()
         dep.stop(grace=1.0)
-        assert not rec.alive() and D._proc_stat(child) is None
+        assert not rec.alive() and proc_stat(child) is None
         assert bystander.poll() is None  # untouched
         assert json.loads((tmp_path / "state" / "deploy.json").read_text())["processes"] == []
     finally:
         bystander.kill()
         bystander.wait()
         for pid in (rec.pid, child):
-            if D._proc_stat(pid) is not None:
+            if proc_stat(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
 
 
 def test_stop_finds_helpers_of_a_process_that_already_exited(tmp_path):
     """Like a refused SuperNode: the recorded process exits, its helper (started with --parent-pid
     <its pid>) lives on, re-parented; stop() finds it by that argument and ends it."""
-    dep = D.Deployment(tmp_path / "state")
+    dep = Deployment(tmp_path / "state")
     script = ("import os, subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', '--parent-pid', str(os.getpid())], "
               "start_new_session=True); time.sleep(0.5)")
     rec = dep._spawn("supernode", "refused", [sys.executable, "-c", script], 0)
     assert dep.wait_exit(rec, 20) == 0
-    helpers = D.watchers_of(rec.pid, rec.start_ticks)
+    helpers = watchers_of(rec.pid, rec.start_ticks)
     try:
-        assert len(helpers) == 1 and D._proc_stat(helpers[0]) is not None
+        assert len(helpers) == 1 and proc_stat(helpers[0]) is not None
         dep.stop(grace=1.0)
-        assert D._proc_stat(helpers[0]) is None
+        assert proc_stat(helpers[0]) is None
     finally:
         for pid in helpers:
-            if D._proc_stat(pid) is not None:
+            if proc_stat(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -296,6 +301,76 @@ def _needs_node_config_support() -> None:
     from simlab.federated import client_app
 
     assert hasattr(client_app, "node_data_dir"), "client_app does not honour node config data-dir / fail-at-round"
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class ResourceMonitor:
+    """Samples wall time and resident memory of a deployment's process trees in a background thread.
+
+    Peak RSS is the largest *sum* over every live process (SuperLink, SuperNodes and all their
+    descendants: superexec, ServerApp and ClientApp processes) seen at one sample; short-lived ClientApp
+    processes are caught if they live longer than ``interval_s``. Records named in ``exclude`` are
+    left out. Shared pages are counted once per process, so the sum is an upper bound of the memory
+    the deployment needs.
+    """
+
+    def __init__(self, deployment: Deployment, interval_s: float = 0.2, exclude=()):
+        self.dep = deployment
+        self.exclude = set(exclude)
+        self.interval = interval_s
+        self.peak_rss = 0
+        self.peak_procs = 0
+        self.peak_by_role: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="simlab-deploy-monitor")
+        self.t0 = self.t1 = 0.0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        children = children_map()
+        total, count, by_role = 0, 0, {}
+        for rec in self.dep.records:
+            if rec.name in self.exclude or not rec.alive():
+                continue
+            tree = [rec.pid, *descendants(rec.pid, children)]
+            rss = sum(rss_bytes(p) for p in tree)
+            total += rss
+            count += len(tree)
+            by_role[rec.role] = by_role.get(rec.role, 0) + rss
+        self.samples += 1
+        if total > self.peak_rss:
+            self.peak_rss, self.peak_procs = total, count
+        for role, rss in by_role.items():
+            self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), rss)
+
+    def __enter__(self) -> ResourceMonitor:
+        self.t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.t1 = time.perf_counter()
+
+    @property
+    def wall_s(self) -> float:
+        return (self.t1 or time.perf_counter()) - self.t0
 
 
 def _rows(run_dir: Path) -> dict[tuple, float | None]:
@@ -315,13 +390,13 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     scenario = root / "tiny.yaml"
     scenario.write_text(TINY.format(cache=root / "sim-cache"))
-    pki = D.make_pki(root / "pki", [*HOSPITALS, "intruder"])
+    pki = make_pki(root / "pki", [*HOSPITALS, "intruder"])
     dep = None
     try:
         t0 = time.perf_counter()
-        dep = D.Deployment(root / "state")
-        monitor = D.ResourceMonitor(dep, exclude={"intruder"}).__enter__()
-        D.bring_up(dep, pki, HOSPITALS, data_dir=root / "sites")
+        dep = Deployment(root / "state")
+        monitor = ResourceMonitor(dep, exclude={"intruder"}).__enter__()
+        bring_up(dep, pki, HOSPITALS, data_dir=root / "sites")
         up_s = time.perf_counter() - t0
         intruder = dep.start_supernode("intruder", {"hospital-id": "h1"}, private_key=pki.node_key("intruder"))
         yield {"root": root, "scenario": scenario, "pki": pki, "dep": dep, "intruder": intruder,
@@ -341,7 +416,7 @@ def test_deployment_matches_simulation(deployment):
     _needs_node_config_support()
     dep, root, monitor = deployment["dep"], deployment["root"], deployment["monitor"]
     t0 = time.perf_counter()
-    run_dir, summary = D.run_deployment(deployment["scenario"], dep, out=str(root / "run-deploy"), timeout_s=RUN_TIMEOUT)
+    run_dir, summary = run_deployment(deployment["scenario"], dep, out=str(root / "run-deploy"), timeout_s=RUN_TIMEOUT)
     run_s = time.perf_counter() - t0
     monitor.__exit__(None, None, None)
     stats = {"bring_up_s": round(deployment["up_s"], 1), "run_s": round(run_s, 1),
@@ -380,11 +455,11 @@ def test_deployment_matches_simulation(deployment):
     assert len([n for n in dep.supernodes() if n["status"] == "online"]) == 3
 
 
-def _serverapp_pids(dep: D.Deployment) -> list[int]:
+def _serverapp_pids(dep: Deployment) -> list[int]:
     """The ServerApp processes (``flwr-serverapp``) the SuperLink started."""
     link = next(r for r in dep.records if r.role == "superlink")
     pids = []
-    for pid in D.descendants(link.pid):
+    for pid in descendants(link.pid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -411,8 +486,8 @@ def test_killed_server_app_resumes_to_identical_metrics(deployment):
 
     def first_attempt():
         try:
-            D.run_deployment(deployment["scenario"], dep, overrides=overrides, out=str(out), timeout_s=RUN_TIMEOUT)
-        except D.DeploymentError as exc:
+            run_deployment(deployment["scenario"], dep, overrides=overrides, out=str(out), timeout_s=RUN_TIMEOUT)
+        except DeploymentError as exc:
             failure["error"] = exc
 
     thread = threading.Thread(target=first_attempt)
@@ -427,7 +502,7 @@ def test_killed_server_app_resumes_to_identical_metrics(deployment):
     t_kill = time.perf_counter()
     # Flower would mark the run failed after its 60 s heartbeat timeout; stop it now instead
     run_id = json.loads((out / "run.json").read_text())["flower_runs"]["ewc"]
-    dep.flwr("stop", str(run_id), D.CONNECTION, check=False)
+    dep.flwr("stop", str(run_id), CONNECTION, check=False)
     thread.join(timeout=RUN_TIMEOUT)
     assert "error" in failure and (out / "FAILED").exists()
     assert max(r["round"] for r in _cost_rows(out)) < 2
@@ -461,8 +536,8 @@ def test_wrong_node_config_ends_the_run_with_a_clear_error(deployment):
     _restart_h3(deployment, {"hospital-id": "h9", "data-dir": str(deployment["root"] / "sites" / "h3")})
     out = deployment["root"] / "run-wrong-id"
     t0 = time.perf_counter()
-    with pytest.raises(D.DeploymentError) as err:
-        D.run_deployment(deployment["scenario"], deployment["dep"], out=str(out), timeout_s=RUN_TIMEOUT)
+    with pytest.raises(DeploymentError) as err:
+        run_deployment(deployment["scenario"], deployment["dep"], out=str(out), timeout_s=RUN_TIMEOUT)
     # failed at identification: no round timeout (600 s) waited out, no run timeout hit
     assert time.perf_counter() - t0 < RUN_TIMEOUT
     msg = str(err.value)
@@ -478,7 +553,7 @@ def test_failing_hospital_is_recorded_and_others_complete(deployment):
     _needs_node_config_support()
     root = deployment["root"]
     _restart_h3(deployment, {"hospital-id": "h3", "data-dir": str(root / "sites" / "h3"), "fail-at-round": 2})
-    run_dir, summary = D.run_deployment(deployment["scenario"], deployment["dep"], out=str(root / "run-fail"),
+    run_dir, summary = run_deployment(deployment["scenario"], deployment["dep"], out=str(root / "run-fail"),
                                         timeout_s=RUN_TIMEOUT)
     rows = _rows(run_dir)
     failed = {(k[1], k[2]) for k in rows if k[4] == "train_failed"}

@@ -1,5 +1,5 @@
-"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism.
-Tests marked ``flower`` start the engine; the others check what happens before it would start."""
+"""End to end through Flower's simulation engine: a tiny scenario, its run directory, determinism; and
+the command line refusing a taken run directory or an invalid scenario before any engine starts."""
 
 from __future__ import annotations
 

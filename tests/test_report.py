@@ -3,7 +3,7 @@
 The run directories are made by the same code path as a real run after its simulation: the
 scenario is loaded and validated, metric rows of the run-directory format are written to
 metrics.jsonl / rounds.jsonl (synthetic Dice values, so no training is needed), and
-``simlab.runner.write_results`` computes summary.json and the R matrices from them.
+``simlab.rundir.write_results`` computes summary.json and the R matrices from them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import yaml
 from simlab.report import ReportError, write_report
 from simlab.report.commands import run_report
 from simlab.report.plots import cost_figure, dice_figure, pool_figure, r_matrix_figure, routing_figure
-from simlab.runner import write_results
+from simlab.rundir import write_results
 from simlab.scenario.schema import load_scenario_dict, resolved_dict
 
 SCENARIO = {

@@ -169,6 +169,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     changed = load_scenario(path, ["federation.lr=0.1"]).arms["ewc"]
     assert settings_hash(sc) != settings_hash(changed)
     assert settings_hash(sc) == settings_hash(load_scenario(path, ["output.dir=elsewhere"]).arms["ewc"])
+    assert settings_hash(sc) != settings_hash(load_scenario(path, seed=5).arms["ewc"])  # another seed: another run
     save_checkpoint(checkpoint_path(tmp_path, "ewc"), {"arm": "ewc", "rounds": 5, "settings": settings_hash(sc),
                                                         "round": 2}, {})
     fed = Federation(None, changed, RunLog(tmp_path, "ewc"), resume=True)

@@ -1,8 +1,8 @@
 """On-disk cache of generated arrays, keyed by the content of what produced them.
 
 Data generation is seeded, so a window is a pure function of (generator settings, seed): its SHA-256
-names an ``.npz`` file. Writes go to a temporary file that is renamed into place, so concurrent
-virtual hospitals never read a half-written file.
+names an ``.npz`` file. Writes are atomic (:mod:`simlab.fileio`), so concurrent virtual hospitals
+never read a half-written file.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from simlab.fileio import atomic_writer
 
 CACHE_VERSION = 1
 
@@ -44,13 +45,6 @@ class ArrayCache:
             except (OSError, ValueError):
                 path.unlink(missing_ok=True)  # a damaged entry is regenerated
         arrays = make()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(path) as fh:
+            np.savez(fh, **arrays)
         return arrays

@@ -14,8 +14,6 @@ checkpoint starts from the beginning.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import secrets
 import time
@@ -31,6 +29,7 @@ from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import state_nbytes
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
+from simlab.rundir import settings_fingerprint
 from simlab.runlog import RunLog
 from simlab.scenario.task import task_json, task_of
 from simlab.config import to_plain
@@ -68,11 +67,9 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
 
 
 def settings_hash(scenario: Scenario) -> str:
-    """Hash of everything that decides an arm's results (the output section aside)."""
-    plain = to_plain(scenario)
-    plain.pop("output", None)
-    plain.get("data", {}).pop("cache_dir", None)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Fingerprint of everything that decides an arm's results, its seed included (see
+    :func:`simlab.rundir.settings_fingerprint`)."""
+    return settings_fingerprint(to_plain(scenario), seed=True)
 
 
 class Federation:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import re
 from collections import defaultdict
@@ -24,8 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from simlab.compare import final_pool_sizes, read_jsonl
+from simlab.compare import final_pool_sizes
+from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
+from simlab.rundir import RunDirError, read_finished_run
 
 __all__ = ["ReportError", "write_report"]
 
@@ -41,33 +42,16 @@ class RunData:
     """Everything the report needs, read once from the run directory."""
 
     def __init__(self, run_dir: Path):
-        from simlab.compare import CompareError
-        from simlab.config import ScenarioError, read_yaml
-
         self.dir = run_dir
-        if not (run_dir / "summary.json").is_file():
-            failed = run_dir / "FAILED"
-            why = f"the run failed: {failed.read_text().strip()}" if failed.is_file() else "unfinished or not a run directory"
-            raise ReportError(f"{run_dir}: no summary.json ({why})")
         try:
-            self.summary: dict = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ReportError(f"{run_dir / 'summary.json'}: not JSON ({exc.msg})") from None
-        self.scenario: dict = {}
-        if (run_dir / "scenario.yaml").is_file():
-            try:
-                sc = read_yaml(run_dir / "scenario.yaml")
-            except ScenarioError as exc:
-                raise ReportError(str(exc)) from None
-            self.scenario = sc if isinstance(sc, dict) else {}
-        try:
-            self.rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
-            self.costs = read_jsonl(run_dir / "rounds.jsonl") if (run_dir / "rounds.jsonl").is_file() else []
-        except CompareError as exc:
+            run = read_finished_run(run_dir)
+            self.rows: list[dict] = run.metrics()
+            self.costs: list[dict] = run.costs()
+        except RunDirError as exc:
             raise ReportError(str(exc)) from None
-        self.arms: list[str] = list(self.summary.get("arms", {}))
-        if not self.arms:
-            raise ReportError(f"{run_dir / 'summary.json'}: no arms")
+        self.summary: dict = run.summary
+        self.scenario: dict = run.scenario
+        self.arms: list[str] = list(self.summary["arms"])
         fed = self.scenario.get("federation") or {}
         seen = [int(r["round"]) for r in self.rows] + [int(c["round"]) for c in self.costs]
         self.rounds: int = int(fed.get("rounds") or (max(seen) if seen else 1))
@@ -460,7 +444,5 @@ def write_report(run_dir: Path) -> Path:
            f"<title>simlab report: {_e(name)}</title><style>{CSS}</style></head>"
            f"<body><main>{head}{''.join(page.parts)}</main></body></html>\n")
     out = out_dir / "index.html"
-    tmp = out.with_name("index.html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write(out, doc)
     return out

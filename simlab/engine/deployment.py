@@ -1,0 +1,341 @@
+"""A real Flower deployment of a scenario on one machine: one SuperLink, one SuperNode per hospital,
+TLS and node auth.
+
+Simulation (:mod:`simlab.engine.simulation`) runs every hospital as a virtual SuperNode inside one
+process. Here each hospital is a ``flower-supernode`` process (on this machine or on the hospital's
+own), the server is a ``flower-superlink``, and a run is submitted with ``flwr run``: the same
+ServerApp logic and the same ClientApp, now talking HTTPS.
+
+:class:`Deployment` starts and stops the processes by PID (SuperNodes first, then the SuperLink; each
+with every descendant it spawned: ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``; see
+:mod:`simlab.engine.procs`), writes the Flower configuration (``$FLWR_HOME/config.toml``, one
+connection), registers SuperNode keys, submits runs and follows them with ``flwr ls --run-id …
+--format json`` until ``finished:*`` — never through ``flwr run --stream``, whose exit code is 0 even
+for a failed run. Everything lives in a state directory: ``FLWR_HOME``, process records
+(``deploy.json``, with each process's start time so that a recycled PID is never signalled), logs.
+Bringing a deployment up and running a scenario on it is :mod:`simlab.engine.deploy_run`.
+
+Ports are chosen at run time by binding port 0 (:func:`simlab.engine.procs.free_ports`), so
+concurrent deployments on one machine (tests, several users) never collide. Runtime dependency
+installation is off on both sides: every machine installs simlab beforehand, and the app submitted
+(deploy/app) carries only its pyproject.toml and README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from simlab.engine.flwr_config import (CONNECTION, FINISHED, DeploymentError, check_name, connection_toml, last_json,
+                                       node_config_arg, run_config_toml)
+from simlab.engine.pki import Pki
+from simlab.engine.procs import ProcRecord, free_ports, proc_stat, terminate
+from simlab.fileio import atomic_write
+
+
+def default_app_dir() -> Path:
+    """deploy/app of the source tree this module belongs to (the Flower app ``flwr run`` submits)."""
+    return Path(__file__).resolve().parents[2] / "deploy" / "app"
+
+
+class Deployment:
+    """Processes, configuration and runs of one deployment, all under ``state_dir``::
+
+        deploy.json   what was started (pid, start time, port, log, command) and how to reach the SuperLink
+        flwr-home/    FLWR_HOME: config.toml with the connection "simlab" used by every `flwr` command
+        logs/         superlink.log, supernode-<name>.log
+
+    Another process can pick a deployment up from its state directory (``tools/deploy run/down``).
+    """
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home = self.state_dir / "flwr-home"
+        self.logs = self.state_dir / "logs"
+        self.records: list[ProcRecord] = []
+        self.address: str | None = None       # host:port SuperNodes and the CLI dial
+        self.root_cert: str | None = None      # CA certificate (None: insecure)
+        self.node_ids: dict[str, int] = {}    # key name -> node id assigned at registration
+        self.popen: dict[int, subprocess.Popen] = {}
+        self._load()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "deploy.json"
+
+    def _load(self) -> None:
+        if self.state_file.is_file():
+            data = json.loads(self.state_file.read_text())
+            self.records = [ProcRecord(**r) for r in data.get("processes", [])]
+            self.address = data.get("address")
+            self.root_cert = data.get("root_cert")
+            self.node_ids = {k: int(v) for k, v in data.get("node_ids", {}).items()}
+
+    def _save(self) -> None:
+        data = {"address": self.address, "root_cert": self.root_cert, "connection": CONNECTION,
+                "flwr_home": str(self.flwr_home), "node_ids": self.node_ids,
+                "processes": [asdict(r) for r in self.records]}
+        atomic_write(self.state_file, json.dumps(data, indent=2))
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment of every process started here: own FLWR_HOME, no telemetry or update check, and
+        this interpreter's bin directory first on PATH (Flower starts flower-superexec, flwr-serverapp
+        and flwr-clientapp by name)."""
+        env = dict(os.environ)
+        bindir = str(Path(sys.executable).parent)
+        env.update(FLWR_HOME=str(self.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   PATH=bindir + os.pathsep + env.get("PATH", ""), PYTHONUNBUFFERED="1")
+        return env
+
+    @staticmethod
+    def tool(name: str) -> str:
+        path = Path(sys.executable).parent / name
+        return str(path) if path.exists() else name
+
+    def _spawn(self, role: str, name: str, cmd: list[str], port: int) -> ProcRecord:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / (f"{role}.log" if role == "superlink" else f"{role}-{name}.log")
+        with open(log_path, "ab") as fh:
+            fh.write(f"$ {shlex.join(cmd)}\n".encode())
+            fh.flush()
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, cwd=self.state_dir, start_new_session=True)
+        st = proc_stat(proc.pid)
+        rec = ProcRecord(role=role, name=name, pid=proc.pid, start_ticks=st[1] if st else -1, port=port,
+                         log=str(log_path), cmd=cmd)
+        self.popen[proc.pid] = proc
+        self.records.append(rec)
+        self._save()
+        return rec
+
+    def log_tail(self, rec: ProcRecord, lines: int = 20) -> str:
+        try:
+            return "\n".join(Path(rec.log).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def returncode(self, rec: ProcRecord) -> int | None:
+        """Exit status if this process started it and it has exited; None while it runs (or unknown)."""
+        proc = self.popen.get(rec.pid)
+        return None if proc is None else proc.poll()
+
+    def wait_exit(self, rec: ProcRecord, timeout: float) -> int | None:
+        proc = self.popen.get(rec.pid)
+        if proc is not None:
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        deadline = time.monotonic() + timeout
+        while rec.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return None
+
+    # ------------------------------------------------------------------ SuperLink
+    def start_superlink(self, pki: Pki | None, *, host: str = "127.0.0.1", port: int = 0,
+                        public_address: str | None = None, database: str | Path | None = None,
+                        timeout: float = 60.0) -> ProcRecord:
+        """Start ``flower-superlink`` with TLS (``pki``; None = insecure, loopback tests only) and, with a
+        PKI, SuperNode authentication on. ``port`` 0 picks a free one. ``public_address`` (host:port) is
+        what SuperNodes and ``flwr`` dial (default: 127.0.0.1:port, or host:port for a specific host);
+        it must match a subjectAltName of the server certificate. Waits until ``/health`` answers."""
+        if any(r.role == "superlink" and r.alive() for r in self.records):
+            raise DeploymentError(f"{self.state_dir}: a SuperLink of this deployment is already running")
+        port = port or free_ports(1, host)[0]
+        cmd = [self.tool("flower-superlink"), "--host", host, "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+        if pki is not None:
+            pki.check()
+            cmd += ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+                    "--ssl-keyfile", str(pki.server_key), "--enable-supernode-auth"]
+            self.root_cert = str(pki.ca_cert)
+        else:
+            cmd += ["--insecure"]
+            self.root_cert = None
+        if database is not None:
+            cmd += ["--database", str(database)]
+        dial_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.address = public_address or f"{dial_host}:{port}"
+        rec = self._spawn("superlink", "superlink", cmd, port)
+        self.write_connection()
+        self._wait_health(rec, f"{dial_host}:{port}", timeout)
+        return rec
+
+    def _wait_health(self, rec: ProcRecord, address: str, timeout: float) -> None:
+        scheme = "https" if self.root_cert else "http"
+        ctx = ssl.create_default_context(cafile=self.root_cert) if self.root_cert else None
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not rec.alive():
+                raise DeploymentError(f"flower-superlink exited (status {self.returncode(rec)}) during start-up:\n"
+                                      f"{self.log_tail(rec)}")
+            try:
+                with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=2, context=ctx) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise DeploymentError(f"SuperLink at {address} not healthy within {timeout:.0f} s ({last}):\n{self.log_tail(rec)}")
+
+    def write_connection(self) -> Path:
+        """``$FLWR_HOME/config.toml`` with one connection, ``simlab``, the default for every `flwr` call."""
+        if self.address is None:
+            raise DeploymentError("no SuperLink address known: start the SuperLink first")
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        path = self.flwr_home / "config.toml"
+        path.write_text(connection_toml(self.address, self.root_cert))
+        self._save()
+        return path
+
+    # ------------------------------------------------------------------ flwr CLI
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [self.tool("flwr"), *args]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.state_dir,
+                                 timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise DeploymentError(f"`{shlex.join(cmd)}` did not finish within {timeout:.0f} s") from exc
+        if check and res.returncode != 0:
+            raise DeploymentError(f"`{shlex.join(cmd)}` failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def flwr_json(self, *args: str, timeout: float = 120.0) -> dict:
+        res = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+        data = last_json(res.stdout)
+        if data is None or res.returncode != 0 or data.get("success") is False:
+            raise DeploymentError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}): "
+                                  f"{(data or {}).get('error-message') or res.stdout.strip()} {res.stderr.strip()}")
+        return data
+
+    def register(self, public_key: str | Path, name: str | None = None) -> int:
+        """Register a SuperNode public key (OpenSSH EC); returns the node id the SuperLink assigned
+        (remembered under ``name``, default the key file's stem, for ``status``)."""
+        data = self.flwr_json("supernode", "register", str(public_key), CONNECTION)
+        node_id = int(data["node-id"])
+        self.node_ids[name or Path(public_key).stem] = node_id
+        self._save()
+        return node_id
+
+    def supernodes(self) -> list[dict]:
+        return list(self.flwr_json("supernode", "list", CONNECTION).get("nodes", []))
+
+    # ------------------------------------------------------------------ SuperNodes
+    def start_supernode(self, name: str, node_config: Mapping[str, str | int | float | bool], *,
+                        private_key: str | Path | None, port: int = 0, superlink: str | None = None,
+                        root_cert: str | Path | None = None) -> ProcRecord:
+        """Start ``flower-supernode`` for one hospital. ``node_config`` becomes ``--node-config`` (e.g.
+        ``{"hospital-id": "h1", "data-dir": "/data/h1"}``); ``port`` (0: a free one) is its own runtime
+        API, distinct for every SuperNode on one machine. TLS uses the deployment's CA unless
+        ``root_cert`` is given; ``private_key`` enables node authentication (the SuperLink must know its
+        public key, otherwise the process exits with status 305)."""
+        superlink = superlink or self.address
+        if superlink is None:
+            raise DeploymentError("no SuperLink address: start the SuperLink first or pass superlink=host:port")
+        port = port or free_ports(1)[0]
+        cmd = [self.tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
+               "--node-config", node_config_arg(node_config)]
+        ca = root_cert or self.root_cert
+        cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+        if private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(private_key)]
+        return self._spawn("supernode", check_name(name), cmd, port)
+
+    def wait_online(self, n: int, timeout: float = 60.0, watch: Iterable[str] | None = None) -> list[dict]:
+        """Wait until at least ``n`` SuperNodes are online; fails early if one of our SuperNodes named in
+        ``watch`` (default: every one running when the wait began) exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        online: list[dict] = []
+        names = set(watch) if watch is not None else None
+        watched = [r for r in self.records if r.role == "supernode" and r.alive() and (names is None or r.name in names)]
+        while time.monotonic() < deadline:
+            for rec in watched:
+                if not rec.alive():
+                    raise DeploymentError(f"SuperNode {rec.name} exited (status {self.returncode(rec)}):\n"
+                                          f"{self.log_tail(rec)}")
+            online = [nd for nd in self.supernodes() if str(nd.get("status", "")).lower() == "online"]
+            if len(online) >= n:
+                return online
+            time.sleep(0.5)
+        raise DeploymentError(f"only {len(online)} of {n} SuperNodes online within {timeout:.0f} s")
+
+    # ------------------------------------------------------------------ runs
+    def submit(self, run_config: Mapping[str, str | int | float | bool], app_dir: str | Path | None = None) -> int:
+        """``flwr run APP simlab --run-config FILE.toml``; returns the run id.
+
+        The run config goes through a TOML file (kept under ``run-configs/`` in the state directory)
+        rather than ``key=value`` arguments: Flower splits those at whitespace and quotes, so values such
+        as a JSON list of overrides or a path with spaces would not survive."""
+        app = Path(app_dir or default_app_dir()).resolve()
+        if not (app / "pyproject.toml").is_file():
+            raise DeploymentError(f"{app}: no pyproject.toml (the Flower app to submit); pass the deploy/app "
+                                  f"folder of the simlab source tree (tools/deploy run --app DIR)")
+        folder = self.state_dir / "run-configs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}.toml"
+        path.write_text(run_config_toml(run_config), encoding="utf-8")
+        data = self.flwr_json("run", str(app), CONNECTION, "--run-config", str(path))
+        return int(data["run-id"])
+
+    def status(self, run_id: int) -> dict:
+        runs = self.flwr_json("ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
+        if not runs:
+            raise DeploymentError(f"run {run_id} unknown to the SuperLink")
+        return runs[0]
+
+    def wait(self, run_id: int, timeout: float, poll_s: float = 2.0, retries: int = 5) -> dict:
+        """Poll until the run is ``finished:*``; on timeout it is stopped and an error raised. Up to
+        ``retries`` status queries in a row may fail (a busy SuperLink) before the error is raised."""
+        deadline = time.monotonic() + timeout
+        failures = 0
+        while True:
+            try:
+                st = self.status(run_id)
+                failures = 0
+            except DeploymentError:
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(poll_s)
+                continue
+            if str(st.get("status", "")).startswith(FINISHED):
+                return st
+            if time.monotonic() > deadline:
+                self.flwr("stop", str(run_id), CONNECTION, check=False)
+                raise DeploymentError(f"run {run_id} still {st.get('status')!r} after {timeout:.0f} s; stopped it")
+            time.sleep(poll_s)
+
+    def run_logs(self, run_id: int) -> str:
+        res = self.flwr("log", str(run_id), CONNECTION, "--show", check=False, timeout=60)
+        return res.stdout + (res.stderr if res.returncode else "")
+
+    # ------------------------------------------------------------------ stop
+    def stop(self, names: Iterable[str] | None = None, grace: float = 10.0) -> None:
+        """Stop processes of this deployment (default: all): SuperNodes first, then the SuperLink."""
+        wanted = set(names) if names is not None else None
+        chosen = [r for r in self.records if wanted is None or r.name in wanted]
+        terminate([r for r in chosen if r.role == "supernode"], grace, self.wait_exit)
+        terminate([r for r in chosen if r.role == "superlink"], grace, self.wait_exit)
+        for r in chosen:
+            proc = self.popen.pop(r.pid, None)
+            if proc is not None:
+                proc.poll()
+        self.records = [r for r in self.records if r not in chosen]
+        self._save()
+
+    def running(self) -> list[ProcRecord]:
+        return [r for r in self.records if r.alive()]
