@@ -16,20 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from simlab.compare import (
-    METRICS,
-    SPECS,
-    SUMMARY_KEYS,
-    CompareError,
-    Stat,
-    Tolerance,
-    check_against_baseline,
-    group_runs,
-    is_regression,
-    load_run,
-    parse_tolerance_args,
-    read_baseline,
-)
+from simlab.baseline import check_against_baseline, is_regression, parse_tolerance_args, read_baseline
+from simlab.compare import METRICS, SPECS, SUMMARY_KEYS, CompareError, Stat, Tolerance, group_runs, load_run
 from simlab.metrics.registry import REGISTRY
 from simlab.report.commands import add_subcommands, dispatch, run_compare
 

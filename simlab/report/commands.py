@@ -73,8 +73,9 @@ def run_compare(runs: list[str], baseline: str | None = None, write_baseline: st
                 tolerances: list[str] | None = None, console=None, err=None) -> int:
     """``simlab compare``: print the table; write or check a baseline. Returns the exit status."""
 
-    from simlab.compare import (CompareError, check_against_baseline, check_table, comparison_table, group_runs,
-                                load_run, parse_tolerance_args, read_baseline, settings_diff, write_baseline as write)
+    from simlab.baseline import check_against_baseline, check_table, parse_tolerance_args, read_baseline
+    from simlab.baseline import write_baseline as write
+    from simlab.compare import CompareError, comparison_table, group_runs, load_run, settings_diff
 
     console = console or _console()
     err = err or _console(stderr=True)
