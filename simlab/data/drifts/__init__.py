@@ -1,0 +1,1 @@
+"""Drift types, one file each; registered in :mod:`simlab.data.drift`."""

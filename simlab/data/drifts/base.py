@@ -1,0 +1,58 @@
+"""What a drift type is: how a hospital's window distribution moves over rounds (see
+:mod:`simlab.data.drift`, which registers the types and assembles ``DriftSpec`` from them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Round t's window: a *mixture* over named domains (every image of the window draws its domain
+    from the weights) or an *interpolation* between two domains' scanner and population parameters."""
+
+    weights: dict[str, float] | None = None  # mixture over domains (sums to 1)
+    interpolate: tuple[str, str, float] | None = None  # (from, to, t in (0, 1))
+
+    @property
+    def true_domain(self) -> str:
+        if self.interpolate is not None:
+            a, b, t = self.interpolate
+            return a if t < 0.5 else b
+        assert self.weights is not None
+        best = max(self.weights.values())
+        return next(d for d, w in self.weights.items() if w == best)
+
+
+def ramp(t: int, start: int, end: int) -> float:
+    """0 before ``start``, 1 from ``end`` on, linear in between (end > start)."""
+    if t <= start:
+        return 0.0
+    if t >= end:
+        return 1.0
+    return (t - start) / (end - start)
+
+
+class DriftType:
+    """One drift type. ``name`` is the value of ``drift.type``; ``fields`` are the keys it adds to the
+    spec beyond the shared ``domain``, ``domains``, ``start`` and ``end`` (``(name, type, field)``
+    tuples, as for :func:`dataclasses.make_dataclass`); ``min_domains`` how many ``domains`` it needs.
+    :meth:`check` returns ``(key, message)`` problems; :meth:`plan` the window of round t."""
+
+    name: ClassVar[str]
+    help: ClassVar[str]
+    fields: ClassVar[list[tuple]] = []
+    min_domains: ClassVar[int] = 2
+
+    @staticmethod
+    def check(spec) -> list[tuple[str, str]]:
+        return []
+
+    @staticmethod
+    def plan(spec, t: int) -> WindowPlan:
+        raise NotImplementedError
+
+    @staticmethod
+    def referenced_domains(spec) -> list[str]:
+        return list(spec.domains)
