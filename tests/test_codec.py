@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flwr.app import RecordDict
 
 from simlab.continual.mahalanobis import ShiftParams
@@ -43,3 +44,47 @@ def test_histories_round_trip_exactly_in_few_records():
             _assert_same_entry(a, b)
     assert unpack_histories(RecordDict({})) == {}
     assert pack_histories({}) == {}
+
+
+def test_typed_messages_round_trip_through_records():
+    from simlab.federated import codec
+
+    rng = np.random.default_rng(3)
+    model = {"w": rng.standard_normal((2, 3)).astype(np.float32), "n": np.array(4, dtype=np.int64)}
+    hist = {0: [_entry(rng, 1)], 3: [_entry(rng, 2), _entry(rng, 3)]}
+    train = codec.Train(5, '{"x": 1}', model, {"state-key": "k", "state-round": 4}, member=3, histories=hist,
+                        bank={"h1": rng.standard_normal((2, 1, 3, 3)).astype(np.float32)}, want_entry=True)
+    back = codec.decode_train(codec.encode(train))
+    assert (back.round, back.task, back.state, back.member, back.want_entry) == (5, '{"x": 1}', train.state, 3, True)
+    assert all(back.model[k].tobytes() == model[k].tobytes() for k in model)
+    assert list(back.histories) == [0, 3] and back.bank["h1"].tobytes() == train.bank["h1"].tobytes()
+    plain = codec.decode_train(codec.encode(codec.Train(1, "{}", model)))
+    assert (plain.member, plain.histories, plain.bank, plain.want_entry, plain.state) == (None, None, None, False, {})
+    assert codec.broadcast_nbytes(train) == (sum(v.nbytes for v in model.values()) + train.bank["h1"].nbytes
+                                            + records_nbytes(pack_histories(hist)))
+
+    entry = hist[3][0]
+    fb = entry.first_block
+    reply = codec.TrainReply(model, {"train_loss": 0.5, "num_examples": 8.0}, entry, {"m0": [0.1], "member": 0})
+    content = codec.encode(reply)
+    assert not any(k.startswith("fb.") for k in content["entry"])  # the first block never travels up
+    got = codec.decode_train_reply(content, like=model, first_block=fb)
+    assert got.metrics["num-examples"] == 8.0 and got.shift["member"] == 0
+    _assert_same_entry(got.entry, entry)
+    assert codec.window_scores(got.shift) == {0: pytest.approx(np.array([0.1]))}
+
+    members = {0: model, 2: {k: v + 1 for k, v in model.items()}}
+    ev = codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", members=members, histories=hist, oracle={"A": 2})))
+    assert list(ev.members) == [0, 2] and ev.oracle == {"A": 2} and list(ev.histories) == [0, 3]
+    assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).members is None
+
+
+def test_encoder_converts_a_shared_model_once_per_broadcast():
+    from simlab.federated import codec
+
+    model = {"w": np.ones(3, np.float32)}
+    enc = codec.Encoder()
+    a = codec.encode(codec.Train(1, "{}", model), enc)
+    b = codec.encode(codec.Train(1, "{}", model), enc)
+    assert a["arrays"] is b["arrays"]
+    assert codec.encode(codec.Train(1, "{}", model))["arrays"] is not a["arrays"]

@@ -136,7 +136,7 @@ class Train:
     state: dict = field(default_factory=dict)  # state-key, state-dir, state-round (hospital-side method state)
     member: int | None = None  # ODEx detect mode: the member ``model`` is
     histories: dict[int, list[Entry]] | None = None  # ODEx detect mode: score the window first
-    bank: dict[str, State] | None = None  # FedDG: hospital → amplitude blocks
+    bank: dict[str, np.ndarray] | None = None  # FedDG: hospital → amplitude blocks
     want_entry: bool = False  # ODEx: return the window's statistics
 
 
