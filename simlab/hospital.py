@@ -26,11 +26,13 @@ from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
 from simlab.metrics.registry import metric_rows
 from simlab.metrics.segmentation import dice_per_class, predict
+from simlab.models.norm import adapt_batchnorm, norm_state_keys
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
 from simlab.scenario.task import HospitalTask
 from simlab.seeding import derive_seed
 
 State = dict[str, np.ndarray]
+NORM = "norm."  # prefix of the hospital's own normalisation arrays in its private state (FedBN)
 
 
 def train_config(task: HospitalTask, device: str) -> TrainConfig:
@@ -75,26 +77,38 @@ class Hospital:
         torch.use_deterministic_algorithms(self.task.engine.deterministic, warn_only=True)
         return pick_device(self.task.engine.device)
 
-    def model(self, state: State, device: str) -> torch.nn.Module:
+    def model(self, state: State, device: str, private: State | None = None) -> torch.nn.Module:
+        """The received model; with ``federation.norm: local`` its normalisation layers are replaced by
+        this hospital's own (from ``private``, once it has trained)."""
         model = build_model(self.task.model, self.task.num_classes)
-        load_numpy_state(model, state)
+        own = {k[len(NORM):]: v for k, v in (private or {}).items() if k.startswith(NORM)}
+        load_numpy_state(model, {**state, **own} if self.task.federation.norm == "local" else state)
         return model.to(device)
 
     def _seed(self, purpose: str, t: int) -> int:
         return derive_seed(self.task.seed, purpose, self.id, t)
 
     # ------------------------------------------------------------------ training
-    def train(self, state: State, t: int, method_state: State, bank: dict[str, np.ndarray] | None = None,
+    def train(self, state: State, t: int, private: State, bank: dict[str, np.ndarray] | None = None,
               want_entry: bool = False) -> TrainOutcome:
-        """Train the received model on round t's window with the task's continual method; ``bank``: the
-        FedDG amplitude bank (hospital → blocks) when augmentation is on; ``want_entry``: also return the
-        window's statistics under the received model's first block (computed before training)."""
+        """Train the received model on round t's window with the task's continual method; ``private``:
+        the hospital's state from its last round (the method's, and with ``federation.norm: local`` its
+        own normalisation layers under ``norm.``); ``bank``: the FedDG amplitude bank (hospital →
+        blocks) when augmentation is on; ``want_entry``: also return the window's statistics under the
+        received model's first block (computed before training). With local normalisation the
+        returned model leaves the normalisation layers out: they stay in ``method_state``."""
         device = self.device()
-        model = self.model(state, device)
+        model = self.model(state, device, private)
         entry = self.window_entry(model, t, device) if want_entry else None
+        method_state = {k: v for k, v in private.items() if not k.startswith(NORM)}
         result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
                                           seed=self._seed("train", t), augment=self._augmenter(bank, t))
-        return TrainOutcome(state_to_numpy(model), result.metrics, result.state, entry)
+        trained, keep = state_to_numpy(model), dict(result.state)
+        if self.task.federation.norm == "local":
+            local = set(norm_state_keys(model))
+            keep.update({NORM + k: trained[k] for k in trained if k in local})
+            trained = {k: v for k, v in trained.items() if k not in local}
+        return TrainOutcome(trained, result.metrics, keep, entry)
 
     def _augmenter(self, bank: dict[str, np.ndarray] | None, t: int) -> FrequencyAugmenter | None:
         if not self.task.augmentation.frequency.enabled or bank is None:
@@ -153,12 +167,16 @@ class Hospital:
     def test_sets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {domain: self.factory.test_set(domain) for domain in self.task.eval_domains}
 
-    def evaluate(self, state: State) -> dict[str, float]:
-        """Every registered metric (:mod:`simlab.metrics.registry`) of one deployed model on every test domain."""
-        device = self.device()
-        model, out = self.model(state, device), {}
+    def evaluate(self, state: State, private: State | None = None) -> dict[str, float]:
+        """Every registered metric (:mod:`simlab.metrics.registry`) of the model deployed at this
+        hospital on every test domain: the received model, with this hospital's own normalisation
+        layers under ``federation.norm: local``, and with ``evaluation.adaptation: adabn`` its
+        BatchNorm statistics re-estimated on each test set's images first (no labels)."""
+        device, bs = self.device(), self.task.evaluation.batch_size
+        model, out = self.model(state, device, private), {}
         for domain, (images, labels) in self.test_sets().items():
-            pred = predict(model, images, self.task.evaluation.batch_size, device)
+            deployed = adapt_batchnorm(model, images, bs, device) if self.task.evaluation.adaptation == "adabn" else model
+            pred = predict(deployed, images, bs, device)
             out.update(metric_rows(domain, pred, torch.from_numpy(labels.astype(np.int64)), self.task.num_classes))
         return out
 

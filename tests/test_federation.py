@@ -158,3 +158,18 @@ def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
         assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "dice"} == {0, 2, 3}
     weights = {r["arm"] for r in rows if r["metric"] == "agg_weight"}
     assert weights == {"lwf"}  # median and trimmed mean are not weightings: no weights to log
+
+
+@pytest.mark.flower
+def test_local_norm_and_adabn_through_flower(scenario, tmp_path):
+    """FedBN: each hospital's deployed model has its own normalisation layers, so two hospitals score
+    the same test set differently (one shared model would score it identically); AdaBN on top."""
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--quiet", "--no-report", "--set", "federation.rounds=3",
+                 "--set", "federation.norm=local", "--set", "evaluation.adaptation=adabn"]) == 0
+    rows = read_rows(out)
+    assert not [r for r in rows if r["metric"] in ("train_failed", "eval_failed", "update_rejected")]
+    final = {(r["hospital"], r["domain"]): r["value"] for r in rows if r["metric"] == "dice" and r["round"] == 3}
+    assert final[("h1", "A")] != final[("h2", "A")]
+    costs = {c["round"]: c for c in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())}
+    assert not costs[1]["evaluated"] and costs[1]["bytes_up"] < costs[1]["bytes_down"]  # normalisation stays home

@@ -177,11 +177,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Dice of the deployed model (or the routed ODEx pool) on every domain's test set."""
+    """Every registered metric of the model deployed at this hospital (or the routed ODEx pool) on every
+    domain's test set."""
     req = codec.decode_evaluate(msg.content)
     hospital = _node_hospital(req.task, context)
     if req.members is None:
-        out = hospital.evaluate(req.model)
+        private = _method_state(req.state, context, _state_store(req.state, context, hospital.id))
+        out = hospital.evaluate(req.model, private)
     else:
         out = hospital.evaluate_pool(req.members, req.histories, req.oracle)
     out["num-examples"] = float(len(hospital.task.eval_domains) * hospital.task.evaluation.test_size)

@@ -148,6 +148,7 @@ class Evaluate:
     members: dict[int, State] | None = None  # an ODEx pool, routed by its histories
     histories: dict[int, list[Entry]] | None = None
     oracle: dict[str, int] | None = None  # true domain → member trained on it most (evaluation only)
+    state: dict = field(default_factory=dict)  # as Train.state: where the hospital's private state is
 
 
 # ------------------------------------------------------------------------------ replies
@@ -238,7 +239,7 @@ def _encode_train_reply(msg: TrainReply) -> RecordDict:
 
 
 def _encode_evaluate(msg: Evaluate, enc: Encoder) -> RecordDict:
-    config: dict = {"round": msg.round, "task": msg.task}
+    config: dict = {"round": msg.round, "task": msg.task, **msg.state}
     if msg.members is None:
         return RecordDict({"arrays": enc.arrays(msg.model), "config": ConfigRecord(config)})
     records = {f"m{m}": enc.arrays(state) for m, state in msg.members.items()}
@@ -279,20 +280,25 @@ def decode_query(content: RecordDict) -> Query:
 
 def decode_train(content: RecordDict) -> Train:
     cfg = content["config"]
-    state = {k: cfg[k] for k in ("state-key", "state-dir", "state-round") if k in cfg}
+    state = _state_config(cfg)
     bank = from_array_record(content["bank"]) if "bank" in content else None
     return Train(int(cfg["round"]), str(cfg["task"]), from_array_record(content["arrays"]), state,
                  member=int(cfg["member"]) if "member" in cfg else None,
                  histories=unpack_histories(content) or None, bank=bank, want_entry="entry" in cfg)
 
 
+def _state_config(cfg) -> dict:
+    return {k: cfg[k] for k in ("state-key", "state-dir", "state-round") if k in cfg}
+
+
 def decode_evaluate(content: RecordDict) -> Evaluate:
     cfg = content["config"]
     if "members" not in cfg:
-        return Evaluate(int(cfg["round"]), str(cfg["task"]), model=from_array_record(content["arrays"]))
+        return Evaluate(int(cfg["round"]), str(cfg["task"]), model=from_array_record(content["arrays"]),
+                        state=_state_config(cfg))
     members = {int(m): from_array_record(content[f"m{int(m)}"]) for m in cfg["members"]}
     return Evaluate(int(cfg["round"]), str(cfg["task"]), members=members, histories=unpack_histories(content),
-                    oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()})
+                    oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()}, state=_state_config(cfg))
 
 
 def decode_train_reply(content: RecordDict, like: State, first_block: State | None = None) -> TrainReply:

@@ -28,6 +28,7 @@ from simlab.data.drift import true_domains
 from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import state_nbytes
+from simlab.models.norm import norm_state_keys
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
 from simlab.rundir import settings_fingerprint
 from simlab.runlog import RunLog
@@ -87,7 +88,9 @@ class Federation:
         self.ckpt = checkpoint_path(runlog.run_dir, runlog.arm) if scenario.output.checkpoint else None
         # hospital-side state (EWC, joint) is saved at the hospital when it must survive a restart;
         # in simulation the server names the directory (every hospital shares this machine)
-        self.saves_state = self.ckpt is not None and method_class(scenario.continual).keeps_state
+        self.saves_state = self.ckpt is not None and (method_class(scenario.continual).keeps_state
+                                                      or scenario.federation.norm == "local")
+        self.local: set[str] = set()  # FedBN: the normalisation keys that stay at the hospitals
         self.hospital_state_dir = hospital_state_dir
         self.last_trained: dict[str, int] = {}  # hospital → last round whose update reached the server
         self.run_key = ""
@@ -146,7 +149,7 @@ class Federation:
 
     # ------------------------------------------------------------------ phases
     def evaluate(self, t: int, state: dict[str, np.ndarray]) -> int:
-        requests = {h: codec.Evaluate(t, self.parts[h], model=state) for h in self.ids}
+        requests = {h: codec.Evaluate(t, self.parts[h], model=state, state=self.state_config(h)) for h in self.ids}
         self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))
         return len(self.ids) * state_nbytes(state)
 
@@ -210,9 +213,10 @@ class Federation:
             bank = self.bank
         requests = {h: self.train_request(h, t, state, bank=bank) for h in targets}
         replies, failed = self.train_replies(t, targets, requests)
+        shared = {k: v for k, v in state.items() if k not in self.local}  # all of it unless FedBN
         entries, up = [], 0
         for h, reply in replies.items():
-            r = codec.decode_train_reply(reply.content, like=state)
+            r = codec.decode_train_reply(reply.content, like=shared)
             self.last_trained[h] = t
             up += state_nbytes(r.model)
             self.log.metric(t, h, self.domains[h][t - 1], "train_loss", r.metrics["train_loss"])
@@ -225,7 +229,7 @@ class Federation:
             cost["skipped"] = True
             return state, cost
         try:
-            result = aggregate(entries, fed.aggregation, trainable_keys=keys, reference=state)
+            result = aggregate(entries, fed.aggregation, trainable_keys=keys - self.local, reference=shared)
         except EmptyAggregation as exc:
             log.warning("round %d skipped: %s", t, exc)
             cost["skipped"] = True
@@ -235,7 +239,7 @@ class Federation:
             self.log.metric(t, h, self.domains[h][t - 1], "update_rejected", 1.0)
         for h, w in result.weights.items():
             self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
-        return result.model, cost
+        return {k: result.model.get(k, v) for k, v in state.items()}, cost
 
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self, state: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
@@ -287,6 +291,7 @@ class Federation:
         seed_everything(derive_seed(sc.seed, "init"))
         model = build_model(sc.model, sc.num_classes)
         state, keys = state_to_numpy(model), trainable_keys(model)
+        self.local = set(norm_state_keys(model)) if sc.federation.norm == "local" else set()
         self.setup_model(model, state)
         done, state = self.load(state) if self.resume else (-1, state)
         if done < 0:

@@ -31,6 +31,10 @@ class FederationSpec:
     batch_size: int = field(default=16, metadata={"ge": 1})
     optimizer: Literal["adam", "sgd"] = "adam"
     aggregation: AggregationParams = field(default_factory=AggregationParams)
+    norm: Literal["shared", "local"] = field(
+        default="shared", metadata={"help": "shared: normalisation layers are aggregated like every weight; local: FedBN "
+                                            "(Li et al. 2021), each hospital keeps its own normalisation weights and "
+                                            "statistics, never sent, and its deployed model uses them"})
     round_timeout_s: float = field(default=600.0, metadata={"gt": 0.0,
                                                             "help": "wait at most this long for replies"})
     connect_timeout_s: float = field(default=300.0, metadata={"gt": 0.0,
@@ -55,6 +59,9 @@ class EvaluationSpec:
     test_size: int = field(default=64, metadata={"ge": 1, "help": "held-out test images per domain"})
     domains: list[str] | None = field(default=None, metadata={"help": "domains to test on (default: all)"})
     batch_size: int = field(default=64, metadata={"ge": 1})
+    adaptation: Literal["none", "adabn"] = field(
+        default="none", metadata={"help": "none: evaluate the deployed model as it is; adabn: re-estimate its "
+                                          "BatchNorm statistics on each test set's images first (AdaBN, no labels)"})
 
 
 @dataclass(frozen=True)
@@ -121,44 +128,65 @@ class Scenario(DerivedFacts):
             p.append(("domains", "at least one named domain is needed"))
         if not self.hospitals:
             p.append(("hospitals", "at least one hospital is needed"))
-        ids = [h.id for h in self.hospitals]
         for i, h in enumerate(self.hospitals):
-            if ids.count(h.id) > 1:
-                p.append((f"hospitals[{i}].id", f"duplicate hospital id {h.id!r}"))
-            for d in h.drift.referenced_domains():
-                if d not in self.domains:
-                    p.append((f"hospitals[{i}].drift", f"unknown domain {d!r} (named domains: {', '.join(self.domains)})"))
-            last = self.federation.rounds
-            if h.drift.type == "abrupt" and h.drift.at and h.drift.at[-1] > last:
-                p.append((f"hospitals[{i}].drift.at", f"switch round {h.drift.at[-1]} is after the last round ({last})"))
-            if (self.data.source == "nifti" and h.drift.type == "gradual" and h.drift.mode == "interpolate"
-                    and all(d in self.domains for d in h.drift.domains)
-                    and len({self.domains[d].dataset for d in h.drift.domains}) > 1):
-                p.append((f"hospitals[{i}].drift.mode",
-                          "interpolation between real-data domains needs both to read the same dataset; use mode 'mix'"))
-            if h.drift.type in ("gradual", "population") and h.drift.start > last:
-                p.append((f"hospitals[{i}].drift.start", f"start {h.drift.start} is after the last round ({last})"))
+            p += self._hospital_problems(i, h)
         for name, dom in self.domains.items():
-            if self.data.source == "nifti":
-                if dom.dataset is None:
-                    p.append((f"domains.{name}.dataset", "source 'nifti' needs the dataset this domain reads"))
-                elif dom.dataset not in self.data.datasets:
-                    p.append((f"domains.{name}.dataset",
-                              f"unknown dataset {dom.dataset!r} (data.datasets: {', '.join(self.data.datasets) or 'none'})"))
-                if dom.scanner.contrast == "tissue":
-                    p.append((f"domains.{name}.scanner.contrast", "'tissue' contrast needs tissue maps (phantom only)"))
-            elif dom.dataset is not None:
-                p.append((f"domains.{name}.dataset", "only used with data.source 'nifti'"))
+            p += self._domain_problems(name, dom)
         for d in self.evaluation.domains or []:
             if d not in self.domains:
                 p.append(("evaluation.domains", f"unknown domain {d!r}"))
         cpr = self.federation.clients_per_round
         if cpr is not None and cpr > len(self.hospitals):
             p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
-        if self.augmentation.frequency.enabled and not method_class(self.continual).with_frequency_augmentation:
+        return p + self._combination_problems() + self._arm_problems()
+
+    def _hospital_problems(self, i: int, h) -> list[tuple[str, str]]:
+        p, last = [], self.federation.rounds
+        if [g.id for g in self.hospitals].count(h.id) > 1:
+            p.append((f"hospitals[{i}].id", f"duplicate hospital id {h.id!r}"))
+        for d in h.drift.referenced_domains():
+            if d not in self.domains:
+                p.append((f"hospitals[{i}].drift", f"unknown domain {d!r} (named domains: {', '.join(self.domains)})"))
+        if h.drift.type == "abrupt" and h.drift.at and h.drift.at[-1] > last:
+            p.append((f"hospitals[{i}].drift.at", f"switch round {h.drift.at[-1]} is after the last round ({last})"))
+        if (self.data.source == "nifti" and h.drift.type == "gradual" and h.drift.mode == "interpolate"
+                and all(d in self.domains for d in h.drift.domains)
+                and len({self.domains[d].dataset for d in h.drift.domains}) > 1):
+            p.append((f"hospitals[{i}].drift.mode",
+                      "interpolation between real-data domains needs both to read the same dataset; use mode 'mix'"))
+        if h.drift.type in ("gradual", "population") and h.drift.start > last:
+            p.append((f"hospitals[{i}].drift.start", f"start {h.drift.start} is after the last round ({last})"))
+        return p
+
+    def _domain_problems(self, name: str, dom) -> list[tuple[str, str]]:
+        if self.data.source != "nifti":
+            return [(f"domains.{name}.dataset", "only used with data.source 'nifti'")] if dom.dataset is not None else []
+        p = []
+        if dom.dataset is None:
+            p.append((f"domains.{name}.dataset", "source 'nifti' needs the dataset this domain reads"))
+        elif dom.dataset not in self.data.datasets:
+            p.append((f"domains.{name}.dataset",
+                      f"unknown dataset {dom.dataset!r} (data.datasets: {', '.join(self.data.datasets) or 'none'})"))
+        if dom.scanner.contrast == "tissue":
+            p.append((f"domains.{name}.scanner.contrast", "'tissue' contrast needs tissue maps (phantom only)"))
+        return p
+
+    def _combination_problems(self) -> list[tuple[str, str]]:
+        """Settings that each make sense but are not combined (yet)."""
+        method, p = method_class(self.continual), []
+        if method.server == "pool" and self.federation.norm == "local":
+            p.append(("federation.norm", "local normalisation is not combined with a model pool (continual "
+                                         f"method {self.continual.method!r}) yet"))
+        if method.server == "pool" and self.evaluation.adaptation != "none":
+            p.append(("evaluation.adaptation", "test-time adaptation is not combined with a routed model pool "
+                                               f"(continual method {self.continual.method!r}) yet"))
+        if self.augmentation.frequency.enabled and not method.with_frequency_augmentation:
             p.append(("augmentation.frequency.enabled",
                       f"frequency augmentation is not combined with continual method {self.continual.method!r}"))
-        names = [a.name for a in self.arms]
+        return p
+
+    def _arm_problems(self) -> list[tuple[str, str]]:
+        p, names = [], [a.name for a in self.arms]
         for i, a in enumerate(self.arms):
             if names.count(a.name) > 1:
                 p.append((f"arms[{i}].name", f"duplicate arm name {a.name!r}"))
@@ -170,7 +198,6 @@ class Scenario(DerivedFacts):
                     p.append((f"arms[{i}].set.{key}",
                               f"arms may only change {', '.join(ARM_SECTIONS)} (streams stay identical across arms)"))
         return p
-
 
 
 @dataclass(frozen=True)
