@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import binary_erosion
-from scipy.spatial.distance import cdist
 
 from simlab.metrics.registry import (HEADLINE, REGISTRY, SegmentationMetric, metric_labels, metric_rows,
                                      register)
 from simlab.metrics.segmentation import dice_per_class
+from tests.test_metrics_segmentation import _hd95_reference, disc_pairs
 
 
 def _random_pair(seed: int, shape=(5, 16, 16), num_classes=3):
@@ -22,15 +21,6 @@ def _random_pair(seed: int, shape=(5, 16, 16), num_classes=3):
     return torch.from_numpy(p), torch.from_numpy(t)
 
 
-def _hd95_reference(pm: np.ndarray, tm: np.ndarray) -> float:
-    """Boundary = mask XOR erosion (cross structure, outside = background); 95th pct per side; the larger."""
-    ep = np.argwhere(pm & ~binary_erosion(pm))
-    et = np.argwhere(tm & ~binary_erosion(tm))
-    dist = cdist(ep, et)
-    return max(np.percentile(dist.min(axis=1), 95), np.percentile(dist.min(axis=0), 95))
-
-
-# ------------------------------------------------------------------------------ the registry
 def test_every_registered_metric_is_described():
     assert HEADLINE == "dice" and list(REGISTRY)[:2] == ["dice", "hd95"]
     for name, m in REGISTRY.items():
@@ -96,15 +86,7 @@ def test_dice_rows_are_bit_identical_to_the_previous_evaluation_rows():
 
 # ----------------------------------------------------------------------------------- HD95
 def test_hd95_through_the_registry_matches_scipy_reference():
-    rng = np.random.default_rng(5)
-    yy, xx = np.mgrid[0:32, 0:32]
-    targets, preds = [], []
-    for _ in range(4):
-        cy, cx, r = rng.uniform(9, 23), rng.uniform(9, 23), rng.uniform(3, 7)
-        tm = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        pm = (yy - cy - rng.uniform(-4, 4)) ** 2 + (xx - cx - rng.uniform(-4, 4)) ** 2 <= (r * rng.uniform(0.6, 1.4)) ** 2
-        targets.append(tm.astype(np.int64))
-        preds.append(pm.astype(np.int64))
+    preds, targets = disc_pairs(5, size=32, n=4, centre=(9, 23), radius=(3, 7), shift=4, scale=(0.6, 1.4))
     h = REGISTRY["hd95"].scores(torch.from_numpy(np.stack(preds)), torch.from_numpy(np.stack(targets)), 2)
     ref = [_hd95_reference(p == 1, t == 1) for p, t in zip(preds, targets)]
     np.testing.assert_allclose(h[:, 0], ref, rtol=1e-5)

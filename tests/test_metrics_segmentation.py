@@ -101,6 +101,22 @@ def test_dice_input_validation():
         dice_per_class(t.float(), t, 2)
 
 
+def disc_pairs(seed: int, size: int, n: int, centre: tuple, radius: tuple, shift: float, scale: tuple):
+    """``n`` (prediction, target) pairs of discs: the prediction shifted by up to ``shift`` pixels and
+    scaled in radius by a factor in ``scale``; int64 masks of ``size`` × ``size``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    targets, preds = [], []
+    for _ in range(n):
+        cy, cx, r = rng.uniform(*centre), rng.uniform(*centre), rng.uniform(*radius)
+        tm = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        pm = ((yy - cy - rng.uniform(-shift, shift)) ** 2 + (xx - cx - rng.uniform(-shift, shift)) ** 2
+              <= (r * rng.uniform(*scale)) ** 2)
+        targets.append(tm.astype(np.int64))
+        preds.append(pm.astype(np.int64))
+    return preds, targets
+
+
 def _hd95_reference(pm: np.ndarray, tm: np.ndarray, spacing=(1.0, 1.0)) -> float:
     """Boundary = mask XOR erosion (cross structure, outside = background); 95th pct per side."""
     ep = np.argwhere(pm & ~binary_erosion(pm)) * np.asarray(spacing)
@@ -123,15 +139,7 @@ def test_hd95_known_distances():
 
 
 def test_hd95_matches_scipy_reference():
-    rng = np.random.default_rng(3)
-    yy, xx = np.mgrid[0:24, 0:24]
-    targets, preds = [], []
-    for _ in range(3):
-        cy, cx, r = rng.uniform(7, 17), rng.uniform(7, 17), rng.uniform(3, 6)
-        tm = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-        pm = (yy - cy - rng.uniform(-3, 3)) ** 2 + (xx - cx - rng.uniform(-3, 3)) ** 2 <= (r * rng.uniform(0.7, 1.3)) ** 2
-        targets.append(tm.astype(np.int64))
-        preds.append(pm.astype(np.int64))
+    preds, targets = disc_pairs(3, size=24, n=3, centre=(7, 17), radius=(3, 6), shift=3, scale=(0.7, 1.3))
     t = torch.from_numpy(np.stack(targets))
     p = torch.from_numpy(np.stack(preds))
     h = hd95_per_class(p, t, 2)

@@ -182,7 +182,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     req = codec.decode_evaluate(msg.content)
     hospital = _node_hospital(req.task, context)
     if req.members is None:
-        private = _method_state(req.state, context, _state_store(req.state, context, hospital.id))
+        local = hospital.task.federation.norm == "local"  # only then does the deployed model use private state
+        private = _method_state(req.state, context, _state_store(req.state, context, hospital.id)) if local else {}
         out = hospital.evaluate(req.model, private)
     else:
         out = hospital.evaluate_pool(req.members, req.histories, req.oracle)

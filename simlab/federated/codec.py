@@ -305,11 +305,15 @@ def decode_train_reply(content: RecordDict, like: State, first_block: State | No
     """``like``: the model sent (shapes); ``first_block``: the first block sent, re-attached to the entry."""
     model = from_array_record(content["arrays"], like=like) if "arrays" in content else None
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
-    entry = None
-    if "entry" in content:
-        fb = {f"{FIRST_BLOCK}{k}": v for k, v in (first_block or {}).items()}
-        entry = Entry.from_arrays({**fb, **from_array_record(content["entry"])})
-    return TrainReply(model, metrics, entry, decode_shift(content))
+    return TrainReply(model, metrics, decode_entry(content, first_block), decode_shift(content))
+
+
+def decode_entry(content: RecordDict, first_block: State | None = None) -> Entry | None:
+    """The window statistics of a train reply, with the first block sent re-attached (None without)."""
+    if "entry" not in content:
+        return None
+    fb = {f"{FIRST_BLOCK}{k}": v for k, v in (first_block or {}).items()}
+    return Entry.from_arrays({**fb, **from_array_record(content["entry"])})
 
 
 def decode_shift(content: RecordDict) -> dict | None:

@@ -85,7 +85,7 @@ class OdexFederation(Federation):
         state = self.pool.members[0].state
         replies, failed = self.train_replies(t, targets, {h: self.train_request(h, t, state) for h in targets})
         ok = list(replies)
-        entries = [codec.decode_train_reply(replies[h].content, state, self.first_block(0)).entry for h in ok]
+        entries = [codec.decode_entry(replies[h].content, self.first_block(0)) for h in ok]  # models: later
         decisions = self.pool.first_round(ok, entries, t)
         return decisions, replies, failed, len(targets) * state_nbytes(state), {}
 
