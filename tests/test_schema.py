@@ -102,7 +102,17 @@ def test_duplicate_hospitals_and_arm_sections(tmp_path):
     err = error_of(write(tmp_path, text))
     keys = dict(err.problems)
     assert "duplicate hospital id 'h1'" in keys["hospitals[1].id"]
-    assert "streams stay identical across arms" in keys["arms[0].set.data.image_size"]
+    assert "streams and test sets stay identical across arms" in keys["arms[0].set.data.image_size"]
+
+
+def test_arms_may_change_the_evaluation_adaptation_only(tmp_path):
+    """Test sets stay identical across arms: an arm may choose how the deployed model is adapted, not
+    what it is evaluated on."""
+    text = GOOD + "arms:\n  - {name: a, set: {evaluation.adaptation: adabn}}\n  - {name: b, set: {evaluation.test_size: 4}}\n"
+    keys = dict(error_of(write(tmp_path, text)).problems)
+    assert list(keys) == ["arms[1].set.evaluation.test_size"]
+    loaded = load_scenario(write(tmp_path, GOOD + "arms:\n  - {name: a, set: {evaluation.adaptation: adabn}}\n  - {name: b}\n"))
+    assert [sc.evaluation.adaptation for sc in loaded.arms.values()] == ["adabn", "none"]
 
 
 def test_arm_override_errors_name_the_arm(tmp_path):

@@ -91,6 +91,7 @@ class ArmSpec:
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
+ARM_KEYS = ("evaluation.adaptation",)  # keys outside those sections an arm may set: the test sets stay the same
 
 
 class DerivedFacts:
@@ -194,9 +195,10 @@ class Scenario(DerivedFacts):
                 p.append((f"arms[{i}].name", f"expected letters, digits, '_', '-', '.' or '+' (not first), since it "
                                              f"names files in the run directory; found {a.name!r}"))
             for key in a.set:
-                if key.split(".")[0] not in ARM_SECTIONS:
+                if key.split(".")[0] not in ARM_SECTIONS and key not in ARM_KEYS:
                     p.append((f"arms[{i}].set.{key}",
-                              f"arms may only change {', '.join(ARM_SECTIONS)} (streams stay identical across arms)"))
+                              f"arms may only change {', '.join(ARM_SECTIONS + ARM_KEYS)} (streams and test sets "
+                              f"stay identical across arms)"))
         return p
 
 
@@ -270,6 +272,6 @@ def load_scenario_dict(raw: Any, source: str, overrides: list[str] | None = None
 def resolved_dict(loaded: LoadedScenario) -> dict:
     """The base scenario with every default filled in, plus each arm fully resolved."""
     out = to_plain(loaded.base)
-    out["resolved_arms"] = {name: {s: to_plain(getattr(sc, s)) for s in ARM_SECTIONS} for name, sc in loaded.arms.items()}
+    out["resolved_arms"] = {name: {s: to_plain(getattr(sc, s)) for s in ARM_SECTIONS + ("evaluation",)} for name, sc in loaded.arms.items()}
     return out
 
