@@ -35,8 +35,7 @@ from typing import Literal
 
 import yaml
 
-from simlab.compare import (BASELINE_FORMAT, METRICS, SLACK, SPECS, CompareError, Direction, Group, Stat, Tolerance,
-                            fmt_stat)
+from simlab.compare import BASELINE_FORMAT, METRICS, SLACK, SPECS, CompareError, Direction, Group, Stat, Tolerance
 from simlab.fileio import atomic_write
 
 __all__ = ["CheckResult", "CheckRow", "baseline_document", "check_against_baseline", "check_table", "is_regression",
@@ -115,7 +114,9 @@ def read_baseline(path: str | Path) -> dict:
     if not isinstance(doc, dict):
         raise CompareError(f"{path}: expected a mapping at the top level")
     if doc.get("format") != BASELINE_FORMAT:
-        raise CompareError(f"{path}: format: expected {BASELINE_FORMAT!r}, found {doc.get('format')!r}")
+        why = (" (in simlab-baseline/1, fwt and forgetting were GEM's FWT and Chaudhry's forgetting; rewrite the "
+               "baseline with --write-baseline)") if doc.get("format") == "simlab-baseline/1" else ""
+        raise CompareError(f"{path}: format: expected {BASELINE_FORMAT!r}, found {doc.get('format')!r}{why}")
     if not isinstance(doc.get("scenario"), str):
         raise CompareError(f"{path}: scenario: expected the scenario name, found {doc.get('scenario')!r}")
     arms = doc.get("arms")
@@ -246,17 +247,29 @@ def parse_tolerance_args(items: list[str]) -> dict[str, Tolerance]:
 
 
 def check_table(result: CheckResult, baseline_name: str):
+    """The check as a rich table at most 80 columns wide (for arm names and metric keys up to 19
+    characters): a bold row per arm, then one row per metric with the baseline and current means (the
+    check compares means; the baseline file holds their std and n), the change, the tolerance and the
+    verdict."""
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"against baseline {escape(baseline_name)}")
-    for col in ("arm", "metric", "baseline", "now", "change", "tolerance", "verdict"):
-        table.add_column(col, justify="left" if col in ("arm", "metric", "verdict") else "right")
+    for col in ("arm / metric", "baseline", "now", "change", "tolerance", "verdict"):
+        table.add_column(col, justify="left" if col in ("arm / metric", "verdict") else "right", no_wrap=True)
     style = {"ok": "green", "better": "green", "regressed": "bold red", "undefined": "dim"}
+    arm = None
     for r in result.rows:
         spec = SPECS[r.metric]
+        if r.arm != arm:
+            arm = r.arm
+            table.add_row(f"[bold]{escape(r.arm)}[/]", "", "", "", "", "")
         change = "" if r.base.mean is None or r.current.mean is None else \
             f"{(r.current.mean - r.base.mean) / spec.scale:+.{spec.digits + 1}f}"
-        table.add_row(escape(r.arm), r.metric, fmt_stat(r.base, spec), fmt_stat(r.current, spec), change,
-                      str(r.tolerance), f"[{style[r.verdict]}]{r.verdict.upper() if r.verdict == 'regressed' else r.verdict}[/]")
+        table.add_row(f" {r.metric}", _mean(r.base, spec), _mean(r.current, spec), change, str(r.tolerance),
+                      f"[{style[r.verdict]}]{r.verdict.upper() if r.verdict == 'regressed' else r.verdict}[/]")
     return table
+
+
+def _mean(s: Stat, spec) -> str:
+    return "n/a" if s.mean is None else f"{s.mean / spec.scale:.{spec.digits}f}"

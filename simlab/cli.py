@@ -61,23 +61,44 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:+.3f}" if v < 0 else f"{v:.3f}"
 
 
-def print_summary(console, summary: dict, run_dir: Path) -> None:
-    from rich.table import Table
+NOTES = ("ACC, BWT: GEM (Lopez-Paz & Ranzato 2017). FWT: the ODEx paper's (González et al.",
+         "2022), Dice gained on each later stage by training on it. forgetting: Dice lost",
+         "on the domains that left every stream, since their last training round",
+         "(forgetting_by_domain); worst hospital: the same over the domains that left its",
+         "own stream. Variants such as GEM FWT and Chaudhry forgetting: summary.json.")
+"""The lines under the results table, each under 80 columns."""
 
-    table = Table(title=f"{summary['scenario']} (seed {summary['seed']}): pooled over hospitals")
-    for col in ("arm", "ACC", "BWT", "FWT", "forgetting", "worst hospital BWT", "pool", "MB sent", "wall s"):
-        table.add_column(col, justify="right" if col != "arm" else "left")
-    for name, a in summary["arms"].items():
-        per = {h: v["bwt"] for h, v in a["per_hospital"].items() if v["bwt"] is not None}
-        worst = min(per.items(), key=lambda kv: kv[1]) if per else None
-        label = name + (" (upper bound: rehearses)" if a["breaks_no_rehearsal"] else "")
-        table.add_row(label, _fmt(a["acc"]), _fmt(a["bwt"]), _fmt(a["fwt"]), _fmt(a["forgetting"]),
-                      f"{worst[0]} {_fmt(worst[1])}" if worst else "n/a",
-                      str(a["pool"]["pool_size_final"]) if "pool" in a else "1",
-                      f"{a['bytes_total'] / 1e6:.1f}", f"{a['wall_time_s']:.0f}")
-    console.print(table)
-    console.print("ACC/BWT/FWT: GEM (Lopez-Paz & Ranzato 2017); forgetting: Chaudhry et al. 2018 (max-based). "
-                  "More variants in summary.json.")
+
+def _worst_hospital(a: dict) -> str:
+    """The hospital with the largest own forgetting (the domains that left its stream), e.g. ``st-mary 0.310``."""
+    per = {h: v["forgetting"] for h, v in a["per_hospital"].items() if v.get("forgetting") is not None}
+    if not per:
+        return "n/a"
+    worst = max(per, key=per.__getitem__)
+    return f"{worst} {_fmt(per[worst])}"
+
+
+def print_summary(console, summary: dict, run_dir: Path) -> None:
+    """The results table (metrics × arms, at most 80 columns: :func:`simlab.compare.side_by_side`)."""
+    from rich.markup import escape
+
+    from simlab.compare import side_by_side
+
+    rows = [("ACC ↑", lambda a: _fmt(a["acc"])), ("BWT ↑", lambda a: _fmt(a["bwt"])),
+            ("FWT ↑", lambda a: _fmt(a["fwt"])), ("forgetting ↓", lambda a: _fmt(a["forgetting"])),
+            ("worst hospital forg. ↓", _worst_hospital),
+            ("pool K", lambda a: str(a["pool"]["pool_size_final"]) if "pool" in a else "1"),
+            ("MB sent", lambda a: f"{a['bytes_total'] / 1e6:.1f}"), ("wall s", lambda a: f"{a['wall_time_s']:.0f}")]
+    arms = summary["arms"]
+    upper = any(a["breaks_no_rehearsal"] for a in arms.values())
+    columns = [(escape(name + (" †" if a["breaks_no_rehearsal"] else "")), [cell(a) for _, cell in rows])
+               for name, a in arms.items()]
+    for table in side_by_side(escape(f"{summary['scenario']} (seed {summary['seed']}): pooled over hospitals"),
+                              "metric", [label for label, _ in rows], columns,
+                              caption="† upper bound: rehearses old windows" if upper else None):
+        console.print(table)
+    for line in NOTES:
+        console.print(line, highlight=False)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
 
 

@@ -4,27 +4,34 @@ What is compared
 ----------------
 Per arm, the arm-level numbers of ``summary.json`` plus one number read from ``metrics.jsonl``:
 
-==============  ==========================================================  ==========  ===========
-key             meaning                                                     better      default tol
-==============  ==========================================================  ==========  ===========
-acc             pooled ACC (GEM)                                            higher      abs:0.02
-bwt             pooled BWT (GEM)                                            higher      abs:0.03
-fwt             pooled FWT (GEM)                                            higher      abs:0.03
-forgetting      pooled forgetting (Chaudhry, max-based)                     lower       abs:0.03
-<name>          every registered segmentation metric other than Dice        registry    registry
-                (:mod:`simlab.metrics.registry`): ``metrics.<name>.mean``
-                of ``summary.json``, e.g. ``hd95`` (lower, rel:0.25)
-<name>_missed   for a metric that counts missed structures, e.g.            lower       abs:0.05
-                ``hd95_missed``: ``metrics.<name>.missed``
-pool_size       final model-pool size K (server rows ``pool_size``; only    either      abs:0
-                for arms that keep a pool)
-bytes_total     bytes sent down + up over the run                           lower       rel:0.01
-wall_time_s     wall time of the arm (Flower start-up included)             lower       rel:1.0
-==============  ==========================================================  ==========  ===========
+===================  ==========================================================  ==========  ===========
+key                  meaning                                                     better      default tol
+===================  ==========================================================  ==========  ===========
+acc                  pooled ACC (GEM)                                            higher      abs:0.02
+bwt                  pooled BWT (GEM)                                            higher      abs:0.03
+fwt                  pooled FWT as in the ODEx paper (mean of R[i][i]-R[i-1][i]) higher      abs:0.03
+gem_fwt              pooled FWT (GEM: zero-shot minus untrained)                 higher      abs:0.03
+forgetting           headline forgetting: Dice lost on the domains that left     lower       abs:0.03
+                     every stream, from their last training round to the end
+chaudhry_forgetting  pooled forgetting (Chaudhry, max-based)                     lower       abs:0.03
+<name>               every registered segmentation metric other than Dice        registry    registry
+                     (:mod:`simlab.metrics.registry`): ``metrics.<name>.mean``
+                     of ``summary.json``, e.g. ``hd95`` (lower, rel:0.25)
+<name>_missed        for a metric that counts missed structures, e.g.            lower       abs:0.05
+                     ``hd95_missed``: ``metrics.<name>.missed``
+pool_size            final model-pool size K (server rows ``pool_size``; only    either      abs:0
+                     for arms that keep a pool)
+bytes_total          bytes sent down + up over the run                           lower       rel:0.01
+wall_time_s          wall time of the arm (Flower start-up included)             lower       rel:1.0
+===================  ==========================================================  ==========  ===========
 
-acc/bwt/fwt/forgetting are the headline metric's (Dice). A run without a registered metric's block
-(older runs) lacks that column, and so does a group that mixes such runs with newer ones; a baseline that lacks a metric the runs have does not check
-it (only the baseline's metrics are checked), so adding a metric never fails an existing baseline.
+acc/bwt/fwt/gem_fwt/forgetting/chaudhry_forgetting are the headline metric's (Dice). A run without a
+registered metric's block (older runs) lacks that column, and so does a group that mixes such runs with
+newer ones; a baseline that lacks a metric the runs have does not check it (only the baseline's metrics
+are checked), so adding a metric never fails an existing baseline. A run written before the headline
+forgetting (an arm without ``forgetting_by_domain``) stored Chaudhry's forgetting as ``forgetting`` and
+GEM's FWT as ``fwt``: they are read as ``chaudhry_forgetting`` and ``gem_fwt``, and the run has no
+``forgetting`` or ``fwt`` (grouping it with newer runs is an error that names it).
 
 ``pool_size`` has no good direction: a pool that stops growing can mean shift detection broke, one
 that grows can mean false alarms, so a change either way beyond the tolerance is a regression.
@@ -38,6 +45,12 @@ only by seed (or are repeats); per arm and metric the group shows mean ± std (n
 sample standard deviation (ddof = 1) for n ≥ 2 and 0 for n = 1. A metric that is undefined (null,
 e.g. BWT with one stage) in every run stays null; defined in some runs and null in others is an
 error (the runs do not measure the same thing).
+
+Tables
+------
+The terminal tables (:func:`comparison_tables`, and ``simlab run``'s) put one metric per row and one
+arm per column, as many arms per table as fit in :data:`TABLE_WIDTH` columns whatever the terminal
+(a pipe or a file included): wider sets of arms continue in further tables.
 
 Baselines and their checks are :mod:`simlab.baseline`.
 """
@@ -53,6 +66,7 @@ from simlab.metrics.registry import HEADLINE, REGISTRY
 from simlab.rundir import RunDirError, fingerprinted_settings, read_finished_run, settings_fingerprint
 
 __all__ = [
+    "TABLE_WIDTH",
     "CompareError",
     "Group",
     "METRICS",
@@ -60,11 +74,17 @@ __all__ = [
     "RunInfo",
     "Stat",
     "Tolerance",
+    "comparison_tables",
     "group_runs",
     "load_run",
+    "side_by_side",
 ]
 
-BASELINE_FORMAT = "simlab-baseline/1"
+BASELINE_FORMAT = "simlab-baseline/2"
+"""/2: ``forgetting`` is the headline (departed domains) and ``fwt`` the ODEx paper's; in /1 they were
+Chaudhry's forgetting and GEM's FWT, so a /1 file is refused rather than checked against other numbers."""
+TABLE_WIDTH = 80
+"""The most terminal columns a table printed by ``simlab run`` or ``simlab compare`` takes."""
 SLACK = 1e-6
 """Added to every allowed change: stored baselines are rounded to 6 decimals."""
 
@@ -137,14 +157,18 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("acc", "ACC", "higher", Tolerance("abs", 0.02)),
     MetricSpec("bwt", "BWT", "higher", Tolerance("abs", 0.03)),
     MetricSpec("fwt", "FWT", "higher", Tolerance("abs", 0.03)),
+    MetricSpec("gem_fwt", "GEM FWT", "higher", Tolerance("abs", 0.03)),
     MetricSpec("forgetting", "forgetting", "lower", Tolerance("abs", 0.03)),
+    MetricSpec("chaudhry_forgetting", "Chaudhry forg.", "lower", Tolerance("abs", 0.03)),
     *(spec for spec, _ in _registry_specs()),
     MetricSpec("pool_size", "pool K", "either", Tolerance("abs", 0.0), digits=1),
     MetricSpec("bytes_total", "MB sent", "lower", Tolerance("rel", 0.01), scale=1e6, digits=1),
     MetricSpec("wall_time_s", "wall s", "lower", Tolerance("rel", 1.0), digits=1),
 )
 SPECS = {m.key: m for m in METRICS}
-SUMMARY_KEYS = ("acc", "bwt", "fwt", "forgetting", "bytes_total", "wall_time_s")
+SUMMARY_KEYS = ("acc", "bwt", "fwt", "gem_fwt", "forgetting", "chaudhry_forgetting", "bytes_total", "wall_time_s")
+OLD_NAMES = {"fwt": "gem_fwt", "forgetting": "chaudhry_forgetting"}
+"""What ``fwt`` and ``forgetting`` meant in a summary written before the headline forgetting."""
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -199,6 +223,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
     meta: dict[str, dict[str, Any]] = {}
     for name, a in summary["arms"].items():
         values: dict[str, float | None] = {}
+        if "forgetting_by_domain" not in a:  # written before the headline forgetting
+            a = {OLD_NAMES.get(k, k): v for k, v in a.items()}
         for key in SUMMARY_KEYS:
             if key in a:
                 v = a[key]
@@ -307,32 +333,68 @@ def fmt_stat(s: Stat | None, spec: MetricSpec) -> str:
     return text
 
 
-def comparison_table(groups: list[Group]):
-    """A rich Table: one row per group × arm, columns for the metrics present in any arm.
+def side_by_side(title: str, corner: str, labels: list[str], columns: list[tuple[str, list[str]]],
+                 caption: str | None = None, width: int = TABLE_WIDTH) -> list:
+    """Rich tables with one row per label (first column headed ``corner``) and one right-aligned column
+    per ``(header, cells)``, as many columns per table as fit in ``width`` terminal columns; each table
+    repeats the label column, a set split over several tables numbers them in the title (the same
+    number of columns in each when that fits), and the caption goes under the last. A table is at
+    least as wide as its title (up to ``width``). Text is taken as rich markup (escape it). A column
+    too wide on its own gets a table of its own."""
+    import io
+
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    probe = Console(width=10_000, file=io.StringIO())
+
+    def build(cols: list[tuple[str, list[str]]], head: str | None, foot: str | None) -> Table:
+        wide = min(width, cell_len(Text.from_markup(head or "").plain))
+        table = Table(title=head, caption=foot, min_width=wide)  # the title on one line, if it fits
+        table.add_column(corner, no_wrap=True)
+        for header, _ in cols:
+            table.add_column(header, justify="right", overflow="fold")
+        for i, label in enumerate(labels):
+            table.add_row(label, *[cells[i] for _, cells in cols])
+        return table
+
+    def fits(cols: list[tuple[str, list[str]]]) -> bool:
+        return Measurement.get(probe, probe.options, build(cols, None, None)).maximum <= width
+
+    chunks: list[list[tuple[str, list[str]]]] = [[]]
+    for col in columns:
+        if chunks[-1] and not fits(chunks[-1] + [col]):
+            chunks.append([])
+        chunks[-1].append(col)
+    n = len(chunks)
+    per = -(-len(columns) // n)  # the same number of columns in every table, when that fits
+    even = [columns[k:k + per] for k in range(0, len(columns), per)]
+    if len(even) == n and all(fits(c) for c in even):
+        chunks = even
+    return [build(cols, title if n == 1 else f"{title} ({k + 1}/{n})", caption if k == n - 1 else None)
+            for k, cols in enumerate(chunks)]
+
+
+def comparison_tables(groups: list[Group]) -> list:
+    """Per group, rich tables of metrics (rows) × arms (columns), each at most :data:`TABLE_WIDTH` wide:
+    the metrics present in any of its arms, every cell ``mean ± std (n)``.
 
     Arms that break the no-rehearsal rule (joint, the upper bound) are marked with † and a caption.
     """
     from rich.markup import escape
-    from rich.table import Table
 
-    present = [m for m in METRICS if any(m.key in st for g in groups for st in g.stats.values())]
-    multi = len(groups) > 1
-    upper = any(g.meta.get(arm, {}).get("breaks_no_rehearsal") for g in groups for arm in g.stats)
-    table = Table(title="runs compared: mean ± std (n runs) per arm; pooled over hospitals",
-                  caption="† upper bound: revisits old windows (breaks the no-rehearsal rule on purpose)" if upper else None)
-    if multi:
-        table.add_column(escape("scenario [settings]"), no_wrap=True)
-    table.add_column("arm", no_wrap=True)
-    table.add_column("seeds", justify="right")
-    for m in present:
-        arrow = {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction]
-        table.add_column(m.label + arrow, justify="right", no_wrap=True)
+    tables = []
     for g in groups:
-        label = f"{g.scenario} [{g.fingerprint or '?'}]"
+        present = [m for m in METRICS if any(m.key in st for st in g.stats.values())]
+        upper = [arm for arm in g.stats if g.meta.get(arm, {}).get("breaks_no_rehearsal")]
+        columns = [(escape(arm + (" †" if arm in upper else "")), [fmt_stat(stats.get(m.key), m) for m in present])
+                   for arm, stats in g.stats.items()]
+        labels = [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
         seeds = ",".join(str(s) for s in g.seeds)
-        for k, (arm, stats) in enumerate(g.stats.items()):
-            name = arm + (" †" if g.meta.get(arm, {}).get("breaks_no_rehearsal") else "")
-            cells = [fmt_stat(stats.get(m.key), m) for m in present]
-            table.add_row(*([escape(label) if k == 0 else ""] if multi else []), escape(name), seeds, *cells,
-                          end_section=multi and k == len(g.stats) - 1)
-    return table
+        tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}] seeds {seeds}: mean ± std (n runs)"),
+                               "metric (pooled)", labels, columns,
+                               caption="† upper bound: revisits old windows on purpose" if upper else None)
+    return tables

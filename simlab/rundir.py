@@ -7,7 +7,8 @@ Run directory::
     rounds.jsonl         per-round cost: bytes down/up, wall time, replies, failures
     R/<arm>/<hospital>.csv, R/<arm>/pooled.csv    accuracy matrices (rows: after stage i; cols: stage j)
     dice_by_round/<arm>.csv                      mean Dice per evaluated round × domain
-    summary.json         arms.<name>.{acc, bwt, fwt, forgetting, wall_time_s, per_hospital, ...}
+    summary.json         arms.<name>.{acc, bwt, fwt, forgetting, forgetting_by_domain, wall_time_s,
+                         per_hospital, ...}
     simlab.log           the log
     run.json             what the run was started with (the scenario as read, with overrides; the engine),
                          so that ``simlab run --resume RUN_DIR`` can continue it
@@ -213,8 +214,11 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
     by_arm = rows_by_arm(read_jsonl(run_dir / "metrics.jsonl"))
     costs = read_jsonl(run_dir / "rounds.jsonl")
     summary: dict = {"scenario": loaded.base.name, "seed": loaded.base.seed, "metric_labels": LABELS,
-                     "pooled_definition": "arm-level acc/bwt/fwt/forgetting use the pooled (federation-level) R; "
-                                          "see per_hospital for each hospital's own R",
+                     "pooled_definition": "arm-level acc/bwt/fwt/gem_fwt/chaudhry_forgetting use the pooled "
+                                          "(federation-level) R; forgetting is the headline: Dice lost on the "
+                                          "domains that left every stream, from the last round each was trained "
+                                          "on to the end (forgetting_by_domain); see per_hospital for each "
+                                          "hospital's own R and forgetting",
                      "arms": {}}
     for arm, sc in loaded.arms.items():
         res = arm_results(sc, by_arm.get(arm, []))
@@ -244,7 +248,9 @@ def _arm_summary(sc, res: dict, costs: list[dict], wall: float) -> dict:
         "family": method.family,
         "aggregation": sc.federation.aggregation.rule,
         "breaks_no_rehearsal": method.breaks_no_rehearsal,
-        "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": pooled["forgetting"],
+        "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": res["forgetting"],
+        "gem_fwt": pooled["gem_fwt"], "chaudhry_forgetting": pooled["chaudhry_forgetting"],
+        "forgetting_by_domain": res["forgetting_by_domain"], "forgetting_note": res["forgetting_note"],
         "wall_time_s": round(wall, 2),
         "bytes_total": int(sum(c.get("bytes_down", 0) + c.get("bytes_up", 0) for c in costs)),
         "failed_updates": int(sum(len(c.get("failed", [])) for c in costs)),

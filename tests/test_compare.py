@@ -21,7 +21,8 @@ from simlab.compare import METRICS, SPECS, SUMMARY_KEYS, CompareError, Stat, Tol
 from simlab.metrics.registry import REGISTRY
 from simlab.report.commands import add_subcommands, dispatch, run_compare
 
-GOOD = {"acc": 0.70, "bwt": -0.10, "fwt": 0.20, "forgetting": 0.12, "bytes_total": 4_000_000, "wall_time_s": 30.0}
+GOOD = {"acc": 0.70, "bwt": -0.10, "fwt": 0.20, "gem_fwt": 0.15, "forgetting": 0.12, "chaudhry_forgetting": 0.14,
+        "forgetting_by_domain": {}, "bytes_total": 4_000_000, "wall_time_s": 30.0}
 
 
 def make_run(path, arms: dict[str, dict], seed=0, name="synth", lr=0.002, pool: dict[str, list[int]] | None = None):
@@ -124,6 +125,58 @@ def test_compare_table_and_settings_diff(tmp_path, capsys):
     assert "pool K" not in out  # no arm keeps a pool
 
 
+def test_tables_fit_80_columns_and_split_wide_sets_of_arms(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from simlab.compare import comparison_tables
+
+    names = ["sequential-fedavg", "joint-fedavg", "sequential-ida", "joint-ida", "odex-fedavg"]
+    runs = [load_run(make_run(tmp_path / f"s{s}", {n: with_hd95({**GOOD, "acc": 0.6 + 0.01 * s}) for n in names},
+                              seed=s, pool={"odex-fedavg": [1, 2]})) for s in range(3)]
+    tables = comparison_tables(group_runs(runs))
+    assert len(tables) > 1  # five arms of "mean ± std (n)" cells do not fit in one
+    console = Console(file=io.StringIO(), width=200)  # as wide as a pipe may be: the tables stay within 80
+    for t in tables:
+        console.print(t)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert all(n in text for n in names) and text.count("ACC ↑") == len(tables) and "pool K" in text
+    assert "0.610 ± 0.010 (3)" in text and "(1/" in text
+
+
+def test_the_baseline_check_table_fits_80_columns(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from simlab.baseline import check_table
+
+    arms = {n: with_hd95(GOOD) for n in ("sequential-fedavg", "joint-fedavg", "sequential-ida", "joint-ida")}
+    ref = make_run(tmp_path / "ref", arms, pool={"joint-ida": [1, 2]})
+    base = tmp_path / "b.yaml"
+    run_compare([str(ref)], write_baseline=str(base))
+    result = check_against_baseline(group_runs([load_run(ref)])[0], read_baseline(base))
+    console = Console(file=io.StringIO(), width=200)
+    console.print(check_table(result, base.name))
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any(" chaudhry_forgetting " in line and "abs:0.03" in line for line in lines)
+
+
+def test_summary_from_before_the_headline_forgetting(tmp_path):
+    old = {"acc": 0.7, "bwt": -0.1, "fwt": 0.05, "forgetting": 0.2, "bytes_total": 1, "wall_time_s": 1.0}
+    run = load_run(make_run(tmp_path / "old", {"sequential": old}))
+    values = run.arms["sequential"]
+    assert values["gem_fwt"] == 0.05 and values["chaudhry_forgetting"] == 0.2  # what they meant then
+    assert "fwt" not in values and "forgetting" not in values
+    new = load_run(make_run(tmp_path / "new", {"sequential": GOOD}, seed=1))
+    with pytest.raises(CompareError, match="metric fwt: absent from"):
+        group_runs([run, new])
+
+
 def test_pool_size_is_the_last_logged_value(tmp_path):
     run = load_run(make_run(tmp_path / "p", {"odex": GOOD, "sequential": GOOD}, pool={"odex": [1, 1, 2, 3]}))
     assert run.arms["odex"]["pool_size"] == 3.0
@@ -223,7 +276,7 @@ def test_mismatches_are_errors_not_passes(tmp_path, capsys):
 
 
 def test_undefined_in_both_is_fine(tmp_path, capsys):
-    one_stage = {**GOOD, "bwt": None, "fwt": None, "forgetting": None}
+    one_stage = {**GOOD, "bwt": None, "fwt": None, "gem_fwt": None, "forgetting": None, "chaudhry_forgetting": None}
     ref = make_run(tmp_path / "ref", {"sequential": one_stage})
     base = tmp_path / "b.yaml"
     assert compare(capsys, str(ref), "--write-baseline", str(base))[0] == 0
@@ -274,7 +327,7 @@ def with_hd95(values: dict, hd95: float | None = 4.0, missed: float | None = 0.1
 def test_hd95_from_the_registry_in_the_table_lower_is_better(tmp_path, capsys):
     assert SPECS["hd95"].direction == REGISTRY["hd95"].direction == "lower"
     assert SPECS["hd95_missed"].direction == "lower"
-    assert [m.key for m in METRICS].index("hd95") == 4  # after the headline Dice metrics
+    assert [m.key for m in METRICS].index("hd95") == 6  # after the headline Dice metrics
     a = make_run(tmp_path / "a", {"sequential": with_hd95(GOOD, 4.0, 0.1), "joint": with_hd95(GOOD, 3.0, 0.05)})
     b = make_run(tmp_path / "b", {"sequential": with_hd95(GOOD, 5.0, 0.2), "joint": with_hd95(GOOD, 3.0, 0.05)}, seed=1)
     run = load_run(a)
@@ -318,13 +371,14 @@ def test_a_metric_absent_from_the_baseline_is_not_checked(tmp_path, capsys):
     new = make_run(tmp_path / "new", {"sequential": with_hd95(GOOD, 99.0, 1.0)})
     rc, out = compare(capsys, str(new), "--baseline", str(base))
     assert rc == 0 and "no regression" in out, out
-    # the committed regression baseline has no HD95 either: runs that report it still check against it
+    # the committed regression baseline reads and checks every key it holds, HD95 included
     committed = Path(__file__).resolve().parent / "regression" / "baselines" / "forgetting.yaml"
     doc = read_baseline(committed)
-    arms = {arm: with_hd95({k: e["mean"] for k, e in m.items()}, 7.0, 0.2) for arm, m in doc["arms"].items()}
+    arms = {arm: with_hd95({k: e["mean"] for k, e in m.items()}, m["hd95"]["mean"], m["hd95_missed"]["mean"])
+            | {"forgetting_by_domain": {}} for arm, m in doc["arms"].items()}
     run = make_run(tmp_path / "forgetting", arms, name=doc["scenario"])
     result = check_against_baseline(group_runs([load_run(run)])[0], doc)
-    assert not result.regressions and {r.metric for r in result.rows} == set(SUMMARY_KEYS)
+    assert not result.regressions and {r.metric for r in result.rows} == {*SUMMARY_KEYS, "hd95", "hd95_missed"}
 
 
 # ------------------------------------------------------------------- planted regression, for real

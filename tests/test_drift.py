@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from simlab.data.drift import plan, true_domains
+from simlab.data.drift import contribution_span, plan, true_domains
 from simlab.data.drift import DriftSpec
 
 
@@ -42,6 +42,17 @@ def test_population_mixture_moves_between_weight_vectors():
     assert plan(d, 11).weights == pytest.approx({"young": 0.2, "old": 0.8})
     assert sum(plan(d, 3).weights.values()) == pytest.approx(1.0)
     assert true_domains(d, 11)[:5] == ["young"] * 5 and true_domains(d, 11)[-1] == "old"
+
+
+def test_contribution_span_counts_a_fading_domain_until_its_weight_is_zero():
+    d = DriftSpec(type="gradual", domains=["A", "B"], start=2, end=6, mode="interpolate")
+    assert plan(d, 5).contributing == ("A", "B")  # 3/4 of the way to B: both ends still contribute
+    assert contribution_span(d, 8) == {"A": (1, 5), "B": (3, 8)}
+    pop = DriftSpec(type="population", domains=["A", "B", "C"], weights_start=[1.0, 0.0, 0.0],
+                    weights_end=[0.0, 0.5, 0.5], start=1, end=3)
+    assert contribution_span(pop, 4) == {"A": (1, 2), "B": (2, 4), "C": (2, 4)}  # a zero weight is no contribution
+    recurring = DriftSpec(type="recurring", domains=["A", "B"], period=2)
+    assert contribution_span(recurring, 7) == {"A": (1, 6), "B": (3, 7)}
 
 
 def test_none_is_constant_and_rounds_start_at_one():

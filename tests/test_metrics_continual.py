@@ -18,11 +18,13 @@ from simlab.metrics.continual import (
     chaudhry_task_forgetting,
     diaz_acc,
     diaz_bwt,
+    departure_forgetting,
     diaz_fwt,
     gem_acc,
     gem_bwt,
     gem_fwt,
     initial_scores,
+    odex_fwt,
     relative_bwt,
     relative_fwt,
     rem,
@@ -55,6 +57,36 @@ def test_gem_on_hand_matrix():
     assert gem_bwt(R3) == pytest.approx(-0.25)
     # (R[0][1]-b1 + R[1][2]-b2) / 2 = (0.10 + 0.25) / 2
     assert gem_fwt(R3, B3) == pytest.approx(0.175)
+
+
+def test_odex_fwt_on_hand_matrix():
+    # The ODEx paper's FWT: (R[2][2]-R[1][2] + R[3][3]-R[2][3]) / 2, 1-based = training on a stage
+    # minus the zero-shot score just before it: ((0.90-0.30) + (0.85-0.40)) / 2
+    assert odex_fwt(R3) == pytest.approx((0.60 + 0.45) / 2)
+    # GEM's FWT on the same R (zero-shot minus untrained) is another number: 0.175
+    assert abs(odex_fwt(R3) - gem_fwt(R3, B3)) > 0.3
+    assert math.isnan(odex_fwt([[0.7]]))
+
+
+def test_odex_and_gem_fwt_disagree_on_a_plastic_learner():
+    # Learns every stage to 0.9 but knows nothing of a stage before training on it (zero-shot = the
+    # untrained model's 0.1): GEM FWT 0 (no transfer to unseen stages), the paper's FWT 0.8 (plastic).
+    R = np.array([[0.9, 0.1, 0.1], [0.9, 0.9, 0.1], [0.9, 0.9, 0.9]])
+    b = np.array([0.1, 0.1, 0.1])
+    assert gem_fwt(R, b) == pytest.approx(0.0)
+    assert odex_fwt(R) == pytest.approx(0.8)
+    # Sequential fine-tuning against itself: relative FWT 0 by construction, the paper's FWT is not
+    assert relative_fwt(R, R) == 0.0 and odex_fwt(R) > 0
+
+
+def test_departure_forgetting_clips_each_domain():
+    f, signed = departure_forgetting({"legacy": 0.67, "young": 0.3}, {"legacy": 0.36, "young": 0.9})
+    assert signed == {"legacy": pytest.approx(0.31), "young": pytest.approx(-0.6)}
+    assert f == pytest.approx(0.31 / 2)  # the gain on young does not offset legacy's loss
+    assert math.isnan(departure_forgetting({}, {})[0])
+    assert math.isnan(departure_forgetting({"a": math.nan}, {"a": 0.5})[0])
+    with pytest.raises(ValueError):
+        departure_forgetting({"a": 0.5}, {"b": 0.5})
 
 
 def test_chaudhry_on_hand_matrix():
@@ -128,7 +160,7 @@ def test_no_forgetting_matrix():
     R = np.array([[0.7, 0.1, 0.2], [0.7, 0.8, 0.3], [0.7, 0.8, 0.9]])
     m = all_metrics(R)
     assert m["bwt"] == 0.0
-    assert m["forgetting"] == 0.0
+    assert m["chaudhry_forgetting"] == 0.0
     assert m["diaz_bwt"] == 0.0
     assert m["rem"] == 1.0
     assert m["bwt_plus"] == 0.0
@@ -155,8 +187,9 @@ def test_all_metrics_keys_labels_and_values():
     expected = {
         "acc": 2.05 / 3,
         "bwt": -0.25,
-        "fwt": 0.175,
-        "forgetting": 0.325,
+        "fwt": 0.525,
+        "gem_fwt": 0.175,
+        "chaudhry_forgetting": 0.325,
         "diaz_acc": 4.70 / 6,
         "diaz_bwt": -0.35 / 3,
         "rem": 1 - 0.35 / 3,
@@ -170,7 +203,8 @@ def test_all_metrics_keys_labels_and_values():
         assert m[k] == pytest.approx(v), k
     # Optional references absent -> NaN for the metrics that need them, others unchanged.
     m2 = all_metrics(R3.tolist())
-    assert math.isnan(m2["fwt"]) and math.isnan(m2["rel_fwt"]) and math.isnan(m2["abs_fwt_seq"])
+    assert math.isnan(m2["gem_fwt"]) and math.isnan(m2["rel_fwt"]) and math.isnan(m2["abs_fwt_seq"])
+    assert m2["fwt"] == pytest.approx(0.525)  # the paper's FWT needs no initial scores
     assert m2["bwt"] == pytest.approx(-0.25)
 
 
@@ -188,10 +222,10 @@ def test_nan_entries_propagate():
     R = R3.copy()
     R[2, 0] = np.nan  # final model never evaluated on stage 0's domain
     m = all_metrics(R, B3, RSEQ3)
-    for k in ("acc", "bwt", "forgetting", "diaz_acc", "diaz_bwt", "rem", "bwt_plus", "rel_bwt"):
+    for k in ("acc", "bwt", "chaudhry_forgetting", "diaz_acc", "diaz_bwt", "rem", "bwt_plus", "rel_bwt"):
         assert math.isnan(m[k]), k
     # Metrics that never read R[2][0] keep their values.
-    assert m["fwt"] == pytest.approx(0.175)
+    assert m["gem_fwt"] == pytest.approx(0.175) and m["fwt"] == pytest.approx(0.525)
     assert m["diaz_fwt"] == pytest.approx(0.30)
     assert m["rel_fwt"] == pytest.approx((-0.05 / 0.95 - 0.05 / 0.90) / 2)
     # A NaN in an earlier (non-max) row still poisons the max-based forgetting.
@@ -213,6 +247,7 @@ def test_matches_loop_reference_on_random_matrices():
         acc = sum(r(N, j) for j in range(1, N + 1)) / N
         bwt = sum(r(N, j) - r(j, j) for j in range(1, N)) / (N - 1)
         fwt = sum(r(j - 1, j) - b[j - 1] for j in range(2, N + 1)) / (N - 1)
+        ofwt = sum(r(i, i) - r(i - 1, i) for i in range(2, N + 1)) / (N - 1)
         forg = sum(max(r(l, j) for l in range(1, N)) - r(N, j) for j in range(1, N)) / (N - 1)
         dacc = sum(r(i, j) for i in range(1, N + 1) for j in range(1, i + 1)) / (N * (N + 1) / 2)
         dbwt = sum(r(i, j) - r(j, j) for i in range(2, N + 1) for j in range(1, i)) / (N * (N - 1) / 2)
@@ -222,8 +257,9 @@ def test_matches_loop_reference_on_random_matrices():
         m = all_metrics(R, b, S)
         assert m["acc"] == pytest.approx(acc)
         assert m["bwt"] == pytest.approx(bwt)
-        assert m["fwt"] == pytest.approx(fwt)
-        assert m["forgetting"] == pytest.approx(forg)
+        assert m["gem_fwt"] == pytest.approx(fwt)
+        assert m["fwt"] == pytest.approx(ofwt)
+        assert m["chaudhry_forgetting"] == pytest.approx(forg)
         assert m["diaz_acc"] == pytest.approx(dacc)
         assert m["diaz_bwt"] == pytest.approx(dbwt)
         assert m["rem"] == pytest.approx(1 - abs(min(dbwt, 0)))

@@ -123,6 +123,9 @@ def test_report_one_arm(tmp_path):
     assert f"<td class=\"num\">{a['acc']:.3f}</td>" in html
     assert f"{a['bwt']:+.3f}" in html and a["bwt"] < 0  # h1 forgets A after round 3
     assert "abrupt: A → B (from round 4)" in html and "gradual (mix): C → A over rounds 2–5" in html
+    departed = html.split("<h3>Forgetting per domain that left every stream")[1].split("<h3>")[0]
+    assert "<td class=\"txt\">C</td>" in departed and "<td class=\"num\">4</td>" in departed
+    assert f"{a['forgetting_by_domain']['C']['forgetting']:+.3f}" in departed
     assert "upper bound, rehearses" not in html.split('id="scenario"')[0]
 
 
@@ -154,10 +157,16 @@ def test_registered_metrics_in_the_report_and_results(tmp_path):
         assert text.startswith("after_stage,")
     assert not list((plain / "R" / "sequential").glob("*.hd95.csv"))
     seq = summary["arms"]["sequential"]["metrics"]["hd95"]
-    assert seq["direction"] == "lower" and seq["forgetting"] > 0 and seq["bwt"] < 0  # A got worse after B
+    assert seq["direction"] == "lower" and seq["chaudhry_forgetting"] > 0 and seq["bwt"] < 0  # A got worse after B
     h1 = seq["per_hospital"]["h1"]
-    assert h1["forgetting"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0]) and h1["forgetting"] > 0
-    assert summary["arms"]["joint"]["metrics"]["hd95"]["forgetting"] <= 0  # joint keeps improving on A
+    assert h1["chaudhry_forgetting"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0]) and h1["chaudhry_forgetting"] > 0
+    # headline, per hospital: A left h1's stream after round 3 and its HD95 grew by the end
+    worse = hd95_value("sequential", "h1", "A", 6) - hd95_value("sequential", "h1", "A", 3)
+    assert h1["forgetting"] == pytest.approx(worse) and worse > 0
+    assert summary["arms"]["joint"]["metrics"]["hd95"]["chaudhry_forgetting"] <= 0  # joint keeps improving on A
+    # arm level only C left every stream (h2's gradual transition C -> A ends in round 5): not forgotten
+    assert list(seq["forgetting_by_domain"]) == ["C"] and seq["forgetting_by_domain"]["C"]["last_trained_round"] == 4
+    assert seq["forgetting"] == 0.0 and seq["forgetting_by_domain"]["C"]["forgetting"] < 0
     assert seq["missed"] == pytest.approx(0.05) and "hd95" in summary["metric_labels"]
     html = write_report(run).read_text()
     summary_table = html.split('<h2 id="summary">')[1].split("<h3>")[0]

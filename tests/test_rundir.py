@@ -234,3 +234,30 @@ def test_reading_a_run_imports_no_engine_and_no_torch():
             "print(bad); sys.exit(int(bool(bad)))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_summary_keys_and_the_run_table_in_80_columns(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from simlab.cli import print_summary
+
+    loaded = loaded_at(tmp_path / "run")
+    run_dir = start_run_dir(loaded, {"engine": "test"})
+    summary = run_arms(run_dir, loaded, fake_arm(run_dir)[0], resume=False)
+    a = summary["arms"]["seq"]
+    assert a["forgetting"] is None and a["forgetting_by_domain"] == {}  # h2 still trains on A: nothing left
+    assert "no test domain left every stream" in a["forgetting_note"]
+    assert [a[k] for k in ("fwt", "gem_fwt", "chaudhry_forgetting")] == \
+        [a["pooled"][k] for k in ("fwt", "gem_fwt", "chaudhry_forgetting")] and "forgetting" not in a["pooled"]
+    h1 = a["per_hospital"]["h1"]  # A left h1's stream after round 2 and kept improving (0.52 -> 0.54)
+    assert h1["forgetting"] == 0.0 and h1["forgetting_by_domain"]["A"]["forgetting"] == pytest.approx(-0.02)
+    labels = summary["metric_labels"]
+    assert "ODEx" in labels["fwt"] and "GEM" in labels["gem_fwt"] and "Chaudhry" in labels["chaudhry_forgetting"]
+    assert "positive = Dice lost" in labels["forgetting"]
+    console = Console(file=io.StringIO(), width=200)  # a pipe may be this wide: the output stays within 80
+    print_summary(console, summary, tmp_path)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines if not line.startswith("run directory:")) <= 80
+    assert any(line.startswith("│ forgetting ↓") and "n/a" in line for line in lines)

@@ -24,7 +24,7 @@ from simlab.data.drifts.none import NoDrift
 from simlab.data.drifts.population import Population
 from simlab.data.drifts.recurring import Recurring
 
-__all__ = ["DRIFTS", "DriftSpec", "WindowPlan", "plan", "true_domains"]
+__all__ = ["DRIFTS", "DriftSpec", "WindowPlan", "contribution_span", "plan", "true_domains"]
 
 DRIFTS: dict[str, type[DriftType]] = {
     "none": NoDrift,
@@ -74,3 +74,14 @@ def plan(drift, t: int) -> WindowPlan:
 def true_domains(drift, rounds: int) -> list[str]:
     """True domain of every round's window, rounds 1..rounds (index 0 = round 1)."""
     return [plan(drift, t).true_domain for t in range(1, rounds + 1)]
+
+
+def contribution_span(drift, rounds: int) -> dict[str, tuple[int, int]]:
+    """Per domain the window draws on in rounds 1..rounds: (first, last) round it contributes to a window
+    (:attr:`WindowPlan.contributing`). A domain fading out of a gradual or population transition
+    contributes until its weight reaches 0, and an interpolation contributes to both of its ends."""
+    span: dict[str, tuple[int, int]] = {}
+    for t in range(1, rounds + 1):
+        for d in plan(drift, t).contributing:
+            span[d] = (span.get(d, (t, t))[0], t)
+    return span

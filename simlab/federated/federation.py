@@ -45,13 +45,16 @@ class FederationError(RuntimeError):
 
 
 def evaluation_rounds(scenario: Scenario) -> list[int]:
-    """Round 0 (initial model), every k rounds, the last round of every stage of every hospital, the end."""
+    """Round 0 (initial model), every k rounds, the end and, with ``evaluation.at_boundaries``, every round
+    the metrics read (:func:`simlab.results.metric_rounds`): the last round of every stage of every
+    hospital and of the pooled stages (for gradual and population drift the last round before the
+    transition) and the last round each domain contributes to a hospital's window before leaving it."""
+    from simlab.results import metric_rounds
+
     T = scenario.federation.rounds
     rounds = {0, T} | {t for t in range(1, T + 1) if t % scenario.evaluation.every == 0}
     if scenario.evaluation.at_boundaries:
-        for h in scenario.hospitals:
-            doms = true_domains(h.drift, T)
-            rounds |= {t for t in range(1, T) if doms[t] != doms[t - 1]}  # round t = last of its stage
+        rounds |= metric_rounds(scenario)
     return sorted(rounds)
 
 

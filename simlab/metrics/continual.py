@@ -20,18 +20,25 @@ and is NaN.
 A *stage* is a maximal run of consecutive rounds in which a hospital's stream sits in one
 true domain (:func:`stages_from_domains`); a recurring stream A→B→A has three stages, and
 its R has two columns that measure domain A.
+
+Forgetting where it happens
+---------------------------
+:func:`departure_forgetting` is not a formula on R: it reads the score of each domain that
+has left every stream at the last round it was trained on and at the end (see its
+docstring); :data:`FORGETTING_LABELS` labels it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
     "METRIC_LABELS",
+    "FORGETTING_LABELS",
     "Stage",
     "abs_fwt_seq",
     "all_metrics",
@@ -39,6 +46,7 @@ __all__ = [
     "bwt_plus",
     "chaudhry_forgetting",
     "chaudhry_task_forgetting",
+    "departure_forgetting",
     "diaz_acc",
     "diaz_bwt",
     "diaz_fwt",
@@ -46,6 +54,7 @@ __all__ = [
     "gem_bwt",
     "gem_fwt",
     "initial_scores",
+    "odex_fwt",
     "relative_bwt",
     "relative_fwt",
     "rem",
@@ -115,6 +124,32 @@ def gem_fwt(R: Sequence[Sequence[float]] | np.ndarray, b: Sequence[float] | np.n
         return math.nan
     j = np.arange(1, n)
     return float((A[j - 1, j] - bb[j]).mean())
+
+
+# --------------------------------------------------------------------------------------
+# ODEx (González et al., DART 2022)
+
+
+def odex_fwt(R: Sequence[Sequence[float]] | np.ndarray) -> float:
+    """Forward transfer as reported in the ODEx paper (González et al., DART 2022, Table 1).
+
+    ``FWT = (1/(N−1)) Σ_{i=2..N} (R[i][i] − R[i−1][i])``: what training on stage ``i`` adds
+    on stage ``i``'s test data, relative to the zero-shot score of the model just before
+    ("FWT instead measures what impact training on each stage has on test data (x,y)∼T_i
+    ... FWT is high if enough plasticity is maintained to acquire new knowledge"; averaged
+    over the tasks). Stage 1 is left out: its "before" is the untrained model, whose near-
+    zero score would dominate the mean. Needs no initial scores ``b`` and no reference run,
+    so plain sequential fine-tuning has a positive FWT when it learns each new stage (the
+    paper reports .14 and .09), unlike :func:`relative_fwt` (0 for Sequential by
+    construction) and :func:`gem_fwt` (a zero-shot score minus the untrained model's).
+    NaN for ``N == 1``.
+    """
+    A = _as_R(R)
+    n = A.shape[0]
+    if n < 2:
+        return math.nan
+    i = np.arange(1, n)
+    return float((A[i, i] - A[i - 1, i]).mean())
 
 
 # --------------------------------------------------------------------------------------
@@ -293,8 +328,12 @@ def abs_fwt_seq(
 METRIC_LABELS: dict[str, str] = {
     "acc": "ACC, mean of the final row (GEM, Lopez-Paz & Ranzato 2017)",
     "bwt": "BWT, final minus just-trained score, mean over j<N (GEM, Lopez-Paz & Ranzato 2017)",
-    "fwt": "FWT, zero-shot score before training minus initial model's, mean over j>=2 (GEM, Lopez-Paz & Ranzato 2017)",
-    "forgetting": "Forgetting F_N, best earlier minus final score, mean over j<N (Chaudhry et al. 2018, RWalk)",
+    "fwt": "FWT, just-trained minus zero-shot score on stage i, mean over i>=2 of R[i][i]-R[i-1][i] "
+           "(ODEx, González et al. 2022; quote this one against the paper)",
+    "gem_fwt": "GEM FWT, zero-shot score before training minus initial model's, mean over j>=2 of R[j-1][j]-b[j] "
+               "(GEM, Lopez-Paz & Ranzato 2017)",
+    "chaudhry_forgetting": "Forgetting F_N, best earlier minus final score, mean over j<N (Chaudhry et al. 2018, "
+                           "RWalk); not the headline forgetting",
     "diaz_acc": "ACC, mean of the lower triangle incl. diagonal (Díaz-Rodríguez et al. 2018)",
     "diaz_bwt": "BWT, mean over all i>j of R[i][j]-R[j][j] (Díaz-Rodríguez et al. 2018)",
     "rem": "REM, 1-|min(BWT,0)| with Díaz BWT (Díaz-Rodríguez et al. 2018)",
@@ -304,6 +343,18 @@ METRIC_LABELS: dict[str, str] = {
     "rel_fwt": "Relative FWT vs Sequential, mean over i>=2 of (R[i][i]-Rseq[i][i])/Rseq[i][i] (Lifelong nnU-Net group)",
     "abs_fwt_seq": "Absolute FWT vs Sequential, mean over i>=2 of R[i][i]-Rseq[i][i] (Lifelong nnU-Net group)",
 }
+"""Labels of the metrics computed from one R (:func:`all_metrics`)."""
+
+FORGETTING_LABELS: dict[str, str] = {
+    "forgetting": "Headline forgetting, positive = Dice lost: mean over the domains that left every stream before "
+                  "the end of max(0, D_d(L_d) - D_d(T)), L_d = last round d contributes to a training window, T = "
+                  "last round, D = mean over hospitals of each one's deployed model (per hospital: the domains that "
+                  "left its own stream, its own model); null when no domain left",
+    "forgetting_by_domain": "per departed domain: last_trained_round L_d, the score then and at the end, and the "
+                            "signed forgetting then - final (a gain is negative here; the headline clips it at 0)",
+    "forgetting_note": "why the headline forgetting is null, else null",
+}
+"""Labels of the headline forgetting and its details (:func:`departure_forgetting`)."""
 
 
 def all_metrics(
@@ -313,7 +364,7 @@ def all_metrics(
 ) -> dict[str, float]:
     """Every metric in :data:`METRIC_LABELS` for one R, as plain floats.
 
-    ``fwt`` is NaN when ``b`` is None; ``rel_fwt`` and ``abs_fwt_seq`` are NaN when
+    ``gem_fwt`` is NaN when ``b`` is None; ``rel_fwt`` and ``abs_fwt_seq`` are NaN when
     ``R_seq`` is None. With ``N == 1`` only ``acc`` and ``diaz_acc`` are finite. NaN
     entries of ``R`` propagate into every metric that reads them.
     """
@@ -321,8 +372,9 @@ def all_metrics(
     out: dict[str, float] = {
         "acc": gem_acc(A),
         "bwt": gem_bwt(A),
-        "fwt": gem_fwt(A, b) if b is not None else math.nan,
-        "forgetting": chaudhry_forgetting(A),
+        "fwt": odex_fwt(A),
+        "gem_fwt": gem_fwt(A, b) if b is not None else math.nan,
+        "chaudhry_forgetting": chaudhry_forgetting(A),
         "diaz_acc": diaz_acc(A),
         "diaz_bwt": diaz_bwt(A),
         "rem": rem(A),
@@ -333,6 +385,34 @@ def all_metrics(
         "abs_fwt_seq": abs_fwt_seq(A, R_seq) if R_seq is not None else math.nan,
     }
     return out
+
+
+# --------------------------------------------------------------------------------------
+# forgetting where it happens
+
+
+def departure_forgetting(then: Mapping[str, float], final: Mapping[str, float]) -> tuple[float, dict[str, float]]:
+    """Headline forgetting: ``(F, {d: f_d})`` over the domains that left every stream.
+
+    ``then[d] = D_d(L_d)``, the score on domain ``d``'s test set after ``L_d``, the last round
+    in which ``d`` contributes to a training window; ``final[d] = D_d(T)`` after the last
+    round. ``f_d = D_d(L_d) − D_d(T)`` (signed: positive = lost, negative = gained) and
+
+        ``F = (1/|D|) Σ_{d∈D} max(f_d, 0)``.
+
+    Positive = score lost. Clipping each domain at 0 means a gain on one departed domain
+    cannot offset a loss on another; the price is that evaluation noise on a domain that is
+    not forgotten only ever adds, so ``F`` is biased slightly upward (read the signed
+    ``f_d`` with it). Unlike BWT on a pooled R, only domains nobody trains on any more
+    count, so the learning of domains still in some stream is never credited as backward
+    transfer. A NaN score makes its ``f_d`` and ``F`` NaN; no domain gives NaN.
+    """
+    if set(then) != set(final):
+        raise ValueError(f"then and final must name the same domains, got {sorted(then)} and {sorted(final)}")
+    f = {d: float(then[d]) - float(final[d]) for d in then}
+    if not f:
+        return math.nan, f
+    return float(np.mean([max(v, 0.0) if not math.isnan(v) else math.nan for v in f.values()])), f
 
 
 # --------------------------------------------------------------------------------------

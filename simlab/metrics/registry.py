@@ -58,8 +58,8 @@ __all__ = [
 ]
 
 HEADLINE = "dice"
-"""The metric behind the arm-level ``acc``/``bwt``/``fwt``/``forgetting``, ``R/<arm>/<hospital>.csv``
-and ``final_dice``."""
+"""The metric behind the arm-level ``acc``/``bwt``/``fwt``/``forgetting`` and their variants,
+``R/<arm>/<hospital>.csv`` and ``final_dice``."""
 
 
 class SegmentationMetric:
@@ -227,12 +227,18 @@ def metric_labels() -> dict[str, str]:
         "metrics.<metric>.bwt": "BWT of that metric's R, oriented so that positive = better after later stages: "
                                 "mean over j<N of R[N][j]-R[j][j] (higher-is-better) or R[j][j]-R[N][j] "
                                 "(lower-is-better)",
-        "metrics.<metric>.fwt": "FWT of that metric's R, oriented so that positive = better than the untrained "
-                                "model: mean over j>=2 of R[j-1][j]-b[j] (higher-is-better) or b[j]-R[j-1][j] "
-                                "(lower-is-better)",
-        "metrics.<metric>.forgetting": "forgetting of that metric's R, positive = got worse: mean over j<N of the "
-                                       "best earlier value minus the final one (higher-is-better: max-R[N][j]; "
-                                       "lower-is-better: R[N][j]-min)",
+        "metrics.<metric>.fwt": "FWT of that metric's R as in the ODEx paper, oriented so that positive = training "
+                                "on a stage made its domain better: mean over i>=2 of R[i][i]-R[i-1][i] "
+                                "(higher-is-better) or R[i-1][i]-R[i][i] (lower-is-better)",
+        "metrics.<metric>.gem_fwt": "GEM FWT of that metric's R, oriented so that positive = better than the "
+                                    "untrained model: mean over j>=2 of R[j-1][j]-b[j] (higher-is-better) or "
+                                    "b[j]-R[j-1][j] (lower-is-better)",
+        "metrics.<metric>.chaudhry_forgetting": "Chaudhry forgetting of that metric's R, positive = got worse: mean "
+                                                "over j<N of the best earlier value minus the final one "
+                                                "(higher-is-better: max-R[N][j]; lower-is-better: R[N][j]-min)",
+        "metrics.<metric>.forgetting": "headline forgetting of that metric, positive = got worse: mean over the "
+                                       "test domains that left every stream of max(0, change for the worse from "
+                                       "the last round each was trained on to the end)",
         "metrics.<metric>.missed": "mean of the final row of the pooled R of <metric>_missed (metrics that count "
                                    "missed structures)",
     })

@@ -16,15 +16,16 @@ __all__ = ["add_subcommands", "dispatch", "run_compare", "run_report"]
 COMMANDS = ("compare", "report")
 
 COMPARE_HELP = """\
-Compare run directories: one table of arms x metrics (ACC, BWT, FWT, forgetting of Dice; every other
-registered segmentation metric, e.g. HD95 and its missed share; final pool size when an arm keeps a
-pool, MB sent, wall time). Runs of the same scenario and settings that differ only by seed are
-grouped per arm and shown as mean ± std (n).
+Compare run directories: tables of metrics x arms, at most 80 columns wide (ACC, BWT, FWT as in the
+ODEx paper, GEM FWT, forgetting, Chaudhry forgetting of Dice; every other registered segmentation
+metric, e.g. HD95 and its missed share; final pool size when an arm keeps a pool, MB sent, wall time).
+Runs of the same scenario and settings that differ only by seed are grouped per arm and shown as
+mean ± std (n).
 
 With --baseline FILE the runs are checked against a baseline written earlier by --write-baseline:
 each metric has a tolerance, absolute (abs:X) or relative to the baseline mean (rel:X), and a better
-direction (higher for acc, bwt, fwt; lower for forgetting, hd95, hd95_missed, bytes_total,
-wall_time_s; pool_size either way). A change in the good direction never fails. Exit status 1 names every regressed arm and
+direction (higher for acc, bwt, fwt, gem_fwt; lower for forgetting, chaudhry_forgetting, hd95,
+hd95_missed, bytes_total, wall_time_s; pool_size either way). A change in the good direction never fails. Exit status 1 names every regressed arm and
 metric; 2 means the inputs do not match (a baseline arm or metric the runs lack, an arm the baseline
 lacks, another scenario).
 
@@ -61,8 +62,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def _console(stderr: bool = False):
-    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 220 columns wide, so
-    that the tables are not squeezed into rich's default of 80."""
+    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 220 columns wide, so that
+    long message lines stay on one line. The tables are built to fit 80 columns either way."""
     from rich.console import Console
 
     c = Console(stderr=stderr)
@@ -75,7 +76,7 @@ def run_compare(runs: list[str], baseline: str | None = None, write_baseline: st
 
     from simlab.baseline import check_against_baseline, check_table, parse_tolerance_args, read_baseline
     from simlab.baseline import write_baseline as write
-    from simlab.compare import CompareError, comparison_table, group_runs, load_run, settings_diff
+    from simlab.compare import CompareError, group_runs, load_run
 
     console = console or _console()
     err = err or _console(stderr=True)
@@ -86,14 +87,7 @@ def run_compare(runs: list[str], baseline: str | None = None, write_baseline: st
     except CompareError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
-    console.print(comparison_table(groups))
-    if len(groups) > 1:
-        ref = groups[0].runs[0]
-        for g in groups[1:]:
-            if g.scenario == groups[0].scenario:
-                diff = settings_diff(ref, g.runs[0])
-                console.print(f"{g.scenario} [{g.fingerprint}] differs from [{groups[0].fingerprint}] in: "
-                              + "; ".join(diff), highlight=False, markup=False)
+    _print_groups(console, groups)
     if write_baseline or baseline:
         if len(groups) != 1:
             names = ", ".join(f"{g.scenario} [{g.fingerprint}]" for g in groups)
@@ -129,6 +123,19 @@ def run_compare(runs: list[str], baseline: str | None = None, write_baseline: st
         console.print(f"no regression against {baseline}: {len(result.rows)} checks within tolerance "
                       f"({better} better)", highlight=False, markup=False)
     return 0
+
+
+def _print_groups(console, groups) -> None:
+    """The comparison tables, then how each group's settings differ from the first group of its scenario."""
+    from simlab.compare import comparison_tables, settings_diff
+
+    for table in comparison_tables(groups):
+        console.print(table)
+    ref = groups[0].runs[0]
+    for g in groups[1:]:
+        if g.scenario == groups[0].scenario:
+            console.print(f"{g.scenario} [{g.fingerprint}] differs from [{groups[0].fingerprint}] in: "
+                          + "; ".join(settings_diff(ref, g.runs[0])), highlight=False, markup=False)
 
 
 def run_report(run_dir: str, console=None, err=None) -> int:

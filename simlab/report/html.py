@@ -195,7 +195,8 @@ def _summary_section(page: _Page, run: RunData) -> None:
     page.section("summary", "Summary")
     pools = final_pool_sizes([r for r in run.rows if r.get("metric") == "pool_size"])
     extra = _extra_columns(run)
-    head = ["arm", "method", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "forgetting ↓", *[c[0] for c in extra],
+    head = ["arm", "method", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "GEM FWT ↑", "forgetting ↓",
+            "Chaudhry forg. ↓", *[c[0] for c in extra],
             "final pool K", "MB sent", "wall s", "failed updates", "skipped rounds"]
     rows, classes = [], []
     for name in run.arms:
@@ -204,14 +205,18 @@ def _summary_section(page: _Page, run: RunData) -> None:
         classes.append("upper" if a.get("breaks_no_rehearsal") else "")
         label = _e(name) + (" <em>(upper bound, rehearses)</em>" if a.get("breaks_no_rehearsal") else "")
         rows.append([label, _e(a.get("method", "")), _e(a.get("aggregation", "")), _num(a.get("acc")),
-                     _num(a.get("bwt"), True), _num(a.get("fwt"), True), _num(a.get("forgetting"), True),
+                     _num(a.get("bwt"), True), _num(a.get("fwt"), True), _num(a.get("gem_fwt"), True),
+                     _num(a.get("forgetting"), True), _num(a.get("chaudhry_forgetting"), True),
                      *[_num(blocks.get(n, {}).get(f), digits=d) for _, n, f, d in extra],
                      _e(f"{pools[name]:g}") if name in pools else "1 (single model)",
                      _num((a.get("bytes_total") or 0) / 1e6, digits=1), _num(a.get("wall_time_s"), digits=1),
                      _e(a.get("failed_updates", 0)), _e(a.get("skipped_rounds", 0))])
     page.add(_table(head, rows, classes))
-    page.add('<p class="note">ACC, BWT, FWT and forgetting are computed on the <b>pooled</b> accuracy matrix '
-             "(mean over hospitals; see the definitions at the end). ↑ higher is better, ↓ lower is better. "
+    page.add('<p class="note">ACC, BWT, FWT (the ODEx paper\'s: Dice gained on each later stage by training on '
+             "it), GEM FWT and Chaudhry forgetting are computed on the <b>pooled</b> accuracy matrix (mean over "
+             "hospitals; see the definitions at the end). <b>forgetting</b> is the headline: Dice lost on the "
+             "domains that left every stream, from the last round each was trained on to the end (below). "
+             "↑ higher is better, ↓ lower is better. "
              + "".join(f"{_e(REGISTRY[n].label)}: mean of the final row of its pooled matrix"
                        + (f", with the share of missed or false structures ({_e(REGISTRY[n].label)} missed), "
                           "which its mean leaves out" if REGISTRY[n].counts_missed else "") + ". "
@@ -219,15 +224,8 @@ def _summary_section(page: _Page, run: RunData) -> None:
              "An arm marked <em>upper bound</em> trains on old windows again: it breaks the no-rehearsal rule on "
              "purpose and is a reference, not a competitor.</p>")
 
-    page.add("<h3>Per hospital (each hospital's own accuracy matrix)</h3>")
-    rows = []
-    for name in run.arms:
-        for hid, block in run.arm(name).get("per_hospital", {}).items():
-            stages = " → ".join(s["domain"] for s in block.get("stages", []))
-            rows.append([_e(name), _e(hid), _e(stages), _num(block.get("acc")), _num(block.get("bwt"), True),
-                         _num(block.get("fwt"), True), _num(block.get("forgetting"), True)])
-    page.add(_table(["arm", "hospital", "stages (true domains)", "ACC ↑", "BWT ↑", "FWT ↑", "forgetting ↓"], rows))
-    page.add('<p class="note">A hospital with one stage has no BWT/FWT/forgetting (n/a).</p>')
+    _forgetting_table(page, run)
+    _per_hospital_table(page, run)
 
     page.add(f"<h3>Final Dice per test domain (round {run.rounds}, mean over hospitals)</h3>")
     rows = [[_e(name), *[_num(run.arm(name).get("final_dice", {}).get(d)) for d in run.domains]] for name in run.arms]
@@ -249,6 +247,37 @@ def _summary_section(page: _Page, run: RunData) -> None:
                 cells.append(cell)
             rows.append([_e(name), *cells])
         page.add(_table(["arm", *run.domains], rows))
+
+
+def _per_hospital_table(page: _Page, run: RunData) -> None:
+    page.add("<h3>Per hospital (each hospital's own accuracy matrix and departed domains)</h3>")
+    rows = []
+    for name in run.arms:
+        for hid, block in run.arm(name).get("per_hospital", {}).items():
+            stages = " → ".join(s["domain"] for s in block.get("stages", []))
+            rows.append([_e(name), _e(hid), _e(stages), *[_num(block.get(k), k != "acc") for k in
+                                                          ("acc", "bwt", "fwt", "forgetting", "chaudhry_forgetting")]])
+    page.add(_table(["arm", "hospital", "stages (true domains)", "ACC ↑", "BWT ↑", "FWT ↑", "forgetting ↓",
+                     "Chaudhry forg. ↓"], rows))
+    page.add('<p class="note">A hospital with one stage has no BWT/FWT/Chaudhry forgetting (n/a); its forgetting '
+             "is n/a when no domain left its stream.</p>")
+
+
+def _forgetting_table(page: _Page, run: RunData) -> None:
+    """The headline forgetting per departed domain (``forgetting_by_domain``), signed, or why it is n/a."""
+    page.add("<h3>Forgetting per domain that left every stream (Dice, mean over hospitals)</h3>")
+    rows, notes = [], []
+    for name in run.arms:
+        a = run.arm(name)
+        for d, f in (a.get("forgetting_by_domain") or {}).items():
+            rows.append([_e(name), _e(d), _e(f.get("last_trained_round")), _num(f.get("then")), _num(f.get("final")),
+                         _num(f.get("forgetting"), True)])
+        if a.get("forgetting_note"):
+            notes.append(f"{_e(name)}: {_e(a['forgetting_note'])}")
+    if rows:
+        page.add(_table(["arm", "domain", "last trained round", "Dice then", "Dice at the end", "lost (signed)"], rows))
+    page.add('<p class="note">The headline forgetting is the mean of the losses, each clipped at 0, so a gain on '
+             "one domain does not hide a loss on another. " + "; ".join(notes) + "</p>")
 
 
 def _scenario_section(page: _Page, run: RunData) -> None:
@@ -279,14 +308,17 @@ def _matrix_section(page: _Page, run: RunData) -> None:
 
     page.section("matrices", "Accuracy matrices R")
     page.add('<p class="note">Row i: the deployed model after the last round of stage i; column j: Dice on stage '
-             "j's domain test set. The top row is the untrained model (round 0), which FWT compares against. "
-             "Below the diagonal: memory of earlier domains (backward transfer); above: zero-shot on later ones.</p>")
+             "j's domain test set. The top row is the untrained model (round 0), which GEM FWT compares against; "
+             "FWT compares each later diagonal cell with the zero-shot cell above it. Below the diagonal: memory "
+             "of earlier domains (backward transfer); above: zero-shot on later ones. For gradual drift a stage "
+             "starts where its transition starts.</p>")
     panels = [(f"arm {name}", run.arm(name)["pooled"]) for name in run.arms
               if run.arm(name).get("pooled", {}).get("stages")]
     if panels:
         fig = r_matrix_figure(panels, "Pooled accuracy matrix (federation level: mean over hospitals), one panel per arm")
         page.figure(fig, "R_pooled", "pooled accuracy matrix heatmaps",
-                    "Pooled R per arm: stages are the named domains in order of first appearance in any stream.")
+                    "Pooled R per arm: stages are the named domains in order of their first contribution to a "
+                    "window of any stream.")
     for hid in run.hospitals:
         panels = [(f"arm {name}", run.arm(name)["per_hospital"][hid]) for name in run.arms
                   if hid in run.arm(name).get("per_hospital", {})]
@@ -294,7 +326,8 @@ def _matrix_section(page: _Page, run: RunData) -> None:
             continue
         fig = r_matrix_figure(panels, f"Hospital {hid}: its own accuracy matrix, one panel per arm")
         page.figure(fig, f"R_{_slug(hid)}", f"accuracy matrix of hospital {hid}",
-                    f"Hospital {hid}: stages are the true domains of its own stream.")
+                    f"Hospital {hid}: stages are the true domains of its own stream (a gradual one from the start "
+                    "of its transition).")
 
 
 def _dice_section(page: _Page, run: RunData) -> None:
@@ -331,8 +364,9 @@ def _dice_section(page: _Page, run: RunData) -> None:
                        "stages": stages, "spans": run.spans(hid)})
     fig = dice_figure(panels, run.arms, run.domains, run.rounds)
     page.figure(fig, "dice_over_rounds", "Dice over rounds per hospital",
-                "Dashed vertical lines: a true domain boundary (the new domain is named along the line; the "
-                "domains present from round 1 are named in each panel's title); shaded: a gradual transition, "
+                "Dashed vertical lines: where a new domain's stage starts, at a gradual transition its start (the "
+                "new domain is named along the line; the domains present from round 1 are named in each panel's "
+                "title); shaded: a gradual transition, "
                 "from its start round (old domain) to its end round (new domain). Points: evaluated rounds.")
 
 

@@ -10,15 +10,16 @@ trains on native contrast, so sequential fine-tuning has something to forget.
 
 Two kinds of checks:
 
-* against ``baselines/forgetting.yaml``: every arm's ACC, BWT, FWT, forgetting, bytes and wall time,
-  direction aware, with the tolerances recorded in the file. The file is written only by
-  ``make_baselines.py`` (through ``simlab compare --write-baseline``); regenerate it when a change of
-  results is intended and review its diff.
+* against ``baselines/forgetting.yaml``: every arm's ACC, BWT, FWT, GEM FWT, forgetting, Chaudhry
+  forgetting, HD95 and its missed share, bytes and wall time, direction aware, with the tolerances
+  recorded in the file. The file is written only by ``make_baselines.py`` (through ``simlab compare
+  --write-baseline``); regenerate it when a change of results is intended and review its diff.
 * relational checks that hold whatever the baseline says: joint training (which revisits old
   windows) keeps st-anne's old domain better than sequential fine-tuning (BWT, per hospital and
-  pooled, and the final Dice on the old domain), its ACC is not below sequential's by more than a
-  small margin, sequential does forget here (else the first check would be vacuous), the FedAvg
-  arms weigh hospitals by labelled examples and the IDA arms do not, and no update was lost.
+  pooled, the headline forgetting, and the final Dice on the old domain), its ACC is not below
+  sequential's by more than a small margin, sequential does forget here (else the first check would
+  be vacuous), the FedAvg arms weigh hospitals by labelled examples and the IDA arms do not, and no
+  update was lost.
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def test_joint_keeps_the_old_domain_sequential_forgets(forgetting_run, rule):
     assert s["bwt"] < FORGETTING_FLOOR, "sequential no longer forgets here: the scenario lost its point"
     assert j["bwt"] >= s["bwt"]
     assert joint["bwt"] >= seq["bwt"]  # pooled over hospitals
+    # the headline: native_a leaves every stream after round 3, and sequential loses Dice on it
+    assert list(seq["forgetting_by_domain"]) == [OLD_DOMAIN]
+    assert seq["forgetting_by_domain"][OLD_DOMAIN]["last_trained_round"] == 3
+    assert seq["forgetting"] > -FORGETTING_FLOOR and joint["forgetting"] <= seq["forgetting"]
     assert joint["final_dice"][OLD_DOMAIN] > seq["final_dice"][OLD_DOMAIN]
 
 

@@ -16,6 +16,15 @@ class WindowPlan:
     interpolate: tuple[str, str, float] | None = None  # (from, to, t in (0, 1))
 
     @property
+    def contributing(self) -> tuple[str, ...]:
+        """The domains the window draws on: a mixture's domains with a positive weight, or both ends of an
+        interpolation (whose parameter lies strictly between them)."""
+        if self.interpolate is not None:
+            return self.interpolate[:2]
+        assert self.weights is not None
+        return tuple(d for d, w in self.weights.items() if w > 0)
+
+    @property
     def true_domain(self) -> str:
         if self.interpolate is not None:
             a, b, t = self.interpolate
