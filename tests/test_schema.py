@@ -105,6 +105,17 @@ def test_duplicate_hospitals_and_arm_sections(tmp_path):
     assert "streams stay identical across arms" in keys["arms[0].set.data.image_size"]
 
 
+@pytest.mark.parametrize("reserved", ["all", "pooled", "server"])
+def test_hospital_ids_that_name_result_rows_are_refused(tmp_path, reserved, capsys):
+    from simlab.cli import main
+
+    path = write(tmp_path, GOOD.replace("  - id: h2\n", f"  - id: {reserved}\n"))
+    err = error_of(path)
+    assert f"{reserved!r} is reserved" in dict(err.problems)["hospitals[1].id"]
+    assert main(["validate", str(path)]) == 2
+    assert "hospitals[1].id" in capsys.readouterr().err
+
+
 def test_arm_override_errors_name_the_arm(tmp_path):
     text = GOOD + "arms:\n  - {name: fast, set: {federation.lr: -1}}\n"
     err = error_of(write(tmp_path, text))
