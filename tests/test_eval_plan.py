@@ -151,3 +151,28 @@ def test_the_routed_pool_is_evaluated_once_per_domain(tmp_path):
     rows = rows_of(fed, tmp_path)
     assert {r["hospital"] for r in rows if r["metric"] in METRICS} == {SHARED}
     assert len([r for r in rows if r["metric"] == "dice"]) == 3
+
+
+# ------------------------------------------------------------------------------ reading shared rows
+def test_shared_rows_are_every_hospitals_own():
+    """Rows under SHARED give every hospital's R and the pooled R what per-hospital rows of the same
+    model give; a hospital's own row wins where it has one."""
+    from simlab.results import arm_results
+
+    raw = {"name": "r", "domains": {"A": {}, "B": {}, "C": {}}, "federation": {"rounds": 5},
+           "hospitals": [{"id": "h1", "drift": {"type": "abrupt", "domains": ["A", "B"], "at": [3]}},
+                         {"id": "h2", "drift": {"type": "abrupt", "domains": ["C", "A"], "at": [4]}}]}
+    sc = load_scenario_dict(raw, "<t>").base
+    curve = {0: (0.1, 0.1, 0.1), 2: (0.8, 0.2, 0.7), 3: (0.6, 0.9, 0.7), 5: (0.5, 0.9, 0.4)}
+
+    def rows(values):
+        return [{"arm": "x", "round": t, "hospital": h, "domain": d, "metric": "dice", "value": v}
+                for (t, h, d), v in values.items()]
+
+    per_hospital = {(t, h, d): v for t, vals in curve.items() for h in ("h1", "h2") for d, v in zip("ABC", vals)}
+    shared = {(t, SHARED, d): v for t, vals in curve.items() for d, v in zip("ABC", vals)}
+    a, b = arm_results(sc, rows(per_hospital)), arm_results(sc, rows(shared))
+    assert a["per_hospital"] == b["per_hospital"] and a["pooled"] == b["pooled"] and a["final_dice"] == b["final_dice"]
+    assert b["per_hospital"]["h1"]["R"] == [[0.8, 0.2], [0.5, 0.9]]
+    table = DiceTable(rows({**shared, (5, "h1", "A"): 0.25}))
+    assert table.at(5, "h1", "A") == 0.25 and table.at(5, "h2", "A") == 0.5 and math.isnan(table.at(4, "h1", "A"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from simlab.results import LABELS, arm_results, hospital_stages, metric_matrices, pool_events, pooled_stages
@@ -130,19 +128,3 @@ def test_metric_absent_from_the_rows_has_no_block_and_matrices_are_named():
     names = [n for n, _ in metric_matrices(arm_results(sc, hd95_run()))]
     assert names == ["pooled.hd95.csv", "h1.hd95.csv", "h2.hd95.csv"]
     assert {"hd95", "hd95_missed", "metrics.<metric>.forgetting", "acc"} <= set(LABELS)
-
-
-def test_shared_rows_are_every_hospitals_own():
-    """A model deployed identically everywhere is evaluated once per domain (rows under SHARED): every
-    hospital's R and the pooled R read those rows; a hospital's own row wins where it has one."""
-    from simlab.results import DiceTable
-    from simlab.runlog import SHARED
-
-    sc = load_scenario_dict(RAW, "<t>").base
-    curve = {0: (0.1, 0.1, 0.1), 2: (0.8, 0.2, 0.7), 3: (0.6, 0.9, 0.7), 5: (0.5, 0.9, 0.4)}
-    per_hospital = {(t, h, d): v for t, vals in curve.items() for h in ("h1", "h2") for d, v in zip("ABC", vals)}
-    shared = {(t, SHARED, d): v for t, vals in curve.items() for d, v in zip("ABC", vals)}
-    a, b = arm_results(sc, rows(per_hospital)), arm_results(sc, rows(shared))
-    assert a["per_hospital"] == b["per_hospital"] and a["pooled"] == b["pooled"] and a["final_dice"] == b["final_dice"]
-    table = DiceTable(rows({**shared, (5, "h1", "A"): 0.25}))
-    assert table.at(5, "h1", "A") == 0.25 and table.at(5, "h2", "A") == 0.5 and math.isnan(table.at(4, "h1", "A"))
