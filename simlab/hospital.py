@@ -164,28 +164,38 @@ class Hospital:
         target = torch.from_numpy(w.labels[w.labeled].astype(np.int64))
         return float(dice_per_class(pred, target, self.task.num_classes).mean())
 
-    def test_sets(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return {domain: self.factory.test_set(domain) for domain in self.task.eval_domains}
+    def test_sets(self, domains: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The test sets of ``domains`` (every evaluation domain of the task when None), in task order."""
+        unknown = sorted(set(domains or ()) - set(self.task.eval_domains))
+        if unknown:
+            raise ValueError(f"hospital {self.id} was asked to evaluate domain(s) {', '.join(unknown)}, which are "
+                             f"not evaluation domains of its task ({', '.join(self.task.eval_domains)})")
+        wanted = self.task.eval_domains if domains is None else [d for d in self.task.eval_domains if d in domains]
+        return {domain: self.factory.test_set(domain) for domain in wanted}
 
-    def evaluate(self, state: State, private: State | None = None) -> dict[str, float]:
+    def evaluate(self, state: State, private: State | None = None, domains: list[str] | None = None) -> dict[str, float]:
         """Every registered metric (:mod:`simlab.metrics.registry`) of the model deployed at this
-        hospital on every test domain: the received model, with this hospital's own normalisation
-        layers under ``federation.norm: local``, and with ``evaluation.adaptation: adabn`` its
-        BatchNorm statistics re-estimated on each test set's images first (no labels)."""
+        hospital on each test domain of ``domains`` (every one when None): the received model, with
+        this hospital's own normalisation layers under ``federation.norm: local``, and with
+        ``evaluation.adaptation: adabn`` its BatchNorm statistics re-estimated on each test set's
+        images first (no labels). A test set depends on its domain only, so a model deployed the same
+        everywhere scores it the same at any hospital."""
         device, bs = self.device(), self.task.evaluation.batch_size
         model, out = self.model(state, device, private), {}
-        for domain, (images, labels) in self.test_sets().items():
+        for domain, (images, labels) in self.test_sets(domains).items():
             deployed = adapt_batchnorm(model, images, bs, device) if self.task.evaluation.adaptation == "adabn" else model
             pred = predict(deployed, images, bs, device)
             out.update(metric_rows(domain, pred, torch.from_numpy(labels.astype(np.int64)), self.task.num_classes))
         return out
 
     def evaluate_pool(self, members: dict[int, State], histories: dict[int, list[Entry]],
-                      oracle: dict[str, int]) -> dict[str, float]:
-        """ODEx: each test image is routed to the member with the lowest score / threshold (every
-        registered metric), and also sent to the member that trained most on the image's true domain
-        (``dice_oracle``); ``routing_purity`` is the share of a domain's images routed to that member."""
-        device, tests, bs = self.device(), self.test_sets(), self.task.evaluation.batch_size
+                      oracle: dict[str, int], domains: list[str] | None = None) -> dict[str, float]:
+        """ODEx, on each test domain of ``domains`` (every one when None): each test image is routed to
+        the member with the lowest score / threshold (every registered metric), and also sent to the
+        member that trained most on the image's true domain (``dice_oracle``); ``routing_purity`` is
+        the share of a domain's images routed to that member. Routing reads the pool and the image
+        only, so the routed pool is the same deployed system at every hospital."""
+        device, tests, bs = self.device(), self.test_sets(domains), self.task.evaluation.batch_size
         models: dict[int, torch.nn.Module] = {}  # built when an image first needs one
 
         def member(m: int) -> torch.nn.Module:

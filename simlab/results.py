@@ -43,11 +43,16 @@ from simlab.metrics.continual import (FORGETTING_LABELS, METRIC_LABELS, Stage, a
                                       chaudhry_forgetting, departure_forgetting, gem_acc, gem_bwt, gem_fwt,
                                       initial_scores, odex_fwt, stages_from_domains)
 from simlab.metrics.registry import HEADLINE, REGISTRY, metric_labels
+from simlab.runlog import SHARED
 from simlab.scenario.schema import Scenario
 
 
 class DiceTable:
-    """value[(round, hospital, domain)] of one metric for one arm, from metrics.jsonl rows ('dice' unless told)."""
+    """value[(round, hospital, domain)] of one metric for one arm, from metrics.jsonl rows ('dice' unless told).
+
+    A model deployed identically at every hospital is evaluated once per domain, its rows under
+    hospital :data:`~simlab.runlog.SHARED`; :meth:`at` reads those as the value of every hospital
+    without a row of its own, so each hospital's R is built from the model deployed there."""
 
     def __init__(self, rows: list[dict], metric: str = "dice"):
         self.values: dict[tuple[int, str, str], float] = {}
@@ -57,7 +62,9 @@ class DiceTable:
                 self.values[(r["round"], r["hospital"], r["domain"])] = math.nan if v is None else float(v)
 
     def at(self, t: int, hospital: str, domain: str) -> float:
-        return self.values.get((t, hospital, domain), math.nan)
+        """The hospital's own value, else the shared model's, else NaN (not evaluated, or failed)."""
+        own = self.values.get((t, hospital, domain))
+        return self.values.get((t, SHARED, domain), math.nan) if own is None else own
 
     def mean_over(self, t: int, hospitals: list[str], domain: str) -> float:
         vals = [self.at(t, h, domain) for h in hospitals]

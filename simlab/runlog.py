@@ -3,6 +3,12 @@
 ``metrics.jsonl``: one row per round × hospital × domain × metric, deterministic for a seed (no
 timings). ``rounds.jsonl``: per-round cost (bytes each way, wall time, replies, failures) — the part
 that legitimately differs between two runs of the same seed.
+
+Row names that are not hospitals: :data:`SHARED` is the hospital of the evaluation rows of a model
+deployed identically at every hospital (evaluated once per domain, read as every hospital's own),
+:data:`SERVER` that of the server's rows (pool size), and :data:`POOLED` names the federation-level
+results next to the hospitals' (``R/<arm>/pooled.csv``). A scenario may not name a hospital after
+any of them (:data:`RESERVED_IDS`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+SHARED = "all"
+SERVER = "server"
+POOLED = "pooled"
+RESERVED_IDS = (SHARED, POOLED, SERVER)
 
 
 def _clean(v):

@@ -77,6 +77,10 @@ def test_typed_messages_round_trip_through_records():
     ev = codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", members=members, histories=hist, oracle={"A": 2})))
     assert list(ev.members) == [0, 2] and ev.oracle == {"A": 2} and list(ev.histories) == [0, 3]
     assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).members is None
+    assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).domains is None
+    assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model, domains=["B"]))).domains == ["B"]
+    pool = codec.Evaluate(7, "{}", members=members, histories=hist, oracle={}, domains=["A", "C"])
+    assert codec.decode_evaluate(codec.encode(pool)).domains == ["A", "C"]
 
 
 def test_encoder_converts_a_shared_model_once_per_broadcast():

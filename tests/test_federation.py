@@ -41,6 +41,16 @@ def read_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def eval_rows_per_round(rows, arm, metric="dice"):
+    """round → hospital → number of ``metric`` rows: evaluation rows per round = deployed models × domains."""
+    out: dict[int, dict[str, int]] = {}
+    for r in rows:
+        if r["arm"] == arm and r["metric"] == metric:
+            out.setdefault(r["round"], {}).setdefault(r["hospital"], 0)
+            out[r["round"]][r["hospital"]] += 1
+    return out
+
+
 @pytest.mark.flower
 def test_two_arms_through_flower(scenario, tmp_path, capsys):
     out = tmp_path / "run"
@@ -67,14 +77,20 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
     evals = {(r["arm"], r["round"]) for r in rows if r["metric"] == "dice"}
     # round 0, every 2 rounds, the last round of h1's first stage (2) and the end (4)
     assert {t for a, t in evals if a == "sequential"} == {0, 2, 4}
-    dice = [r for r in rows if r["metric"] == "dice" and r["arm"] == "sequential" and r["round"] == 4]
-    assert {(r["hospital"], r["domain"]) for r in dice} == {("h1", "A"), ("h1", "B"), ("h2", "A"), ("h2", "B")}
+    # one shared model: each domain evaluated once per evaluated round (rows under "all"), B by its only
+    # owner h1 and A by h2, so that both evaluators have one domain
+    for arm in ("sequential", "joint"):
+        assert eval_rows_per_round(rows, arm) == {t: {"all": 2} for t in (0, 2, 4)}
     trains = [r for r in rows if r["metric"] == "train_loss" and r["arm"] == "sequential"]
     assert len(trains) == 8 and {r["domain"] for r in trains if r["hospital"] == "h1" and r["round"] >= 3} == {"B"}
     weights = [r["value"] for r in rows if r["metric"] == "agg_weight" and r["arm"] == "sequential" and r["round"] == 1]
     assert weights == pytest.approx([2 / 3, 1 / 3])  # FedAvg ∝ labelled examples: 8 vs 4
     costs = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert all(c["bytes_up"] > 0 for c in costs if c["round"] > 0)
+    for c in costs:  # training and evaluation time per round; the evaluation's bytes are part of bytes_down
+        assert ("eval_s" in c) == c["evaluated"] and ("train_s" in c) == (c["round"] > 0)
+        if c["evaluated"]:
+            assert c["evaluators"] == ["h1", "h2"] and 0 < c["eval_bytes_down"] <= c["bytes_down"]
 
 
 @pytest.mark.flower
@@ -128,6 +144,9 @@ def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
     assert pool["routing_purity"] >= 0.8  # a handful of 32-pixel test images per domain
     rows = read_rows(out)
     assert any(r["metric"] == "dice_oracle" for r in rows)
+    # the routed pool is the same system at every hospital: each domain evaluated once per round
+    assert eval_rows_per_round(rows, "odex") == {t: {"all": 2} for t in (0, 2, 4, 5)}
+    assert eval_rows_per_round(rows, "odex", "hd95") == eval_rows_per_round(rows, "odex")
     assert "pool" not in summary["arms"]["ewc"] and 0.0 <= summary["arms"]["ewc"]["acc"] <= 1.0
     costs = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     odex = [c for c in costs if c["arm"] == "odex" and c["round"] > 1]
@@ -171,5 +190,7 @@ def test_local_norm_and_adabn_through_flower(scenario, tmp_path):
     assert not [r for r in rows if r["metric"] in ("train_failed", "eval_failed", "update_rejected")]
     final = {(r["hospital"], r["domain"]): r["value"] for r in rows if r["metric"] == "dice" and r["round"] == 3}
     assert final[("h1", "A")] != final[("h2", "A")]
+    arm = rows[0]["arm"]  # one deployed model per hospital: hospitals × domains rows per evaluated round
+    assert eval_rows_per_round(rows, arm) == {t: {"h1": 2, "h2": 2} for t in (0, 2, 3)}
     costs = {c["round"]: c for c in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())}
     assert not costs[1]["evaluated"] and costs[1]["bytes_up"] < costs[1]["bytes_down"]  # normalisation stays home

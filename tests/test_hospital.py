@@ -60,5 +60,10 @@ def test_evaluate_and_score(scenario):
     pool = h.evaluate_pool({0: state}, {0: [entry]}, {"A": 0})
     assert pool["routing_purity/A"] == 1.0 and "dice_oracle/A" in pool and "dice_oracle/B" not in pool
     assert pool["dice/A"] == pytest.approx(rows["dice/A"])  # one member: routed = the member itself
+    only_b = h.evaluate(state, domains=["B"])  # a shared model's evaluator tests only its domains
+    assert {k.split("/")[1] for k in only_b} == {"B"} and only_b["dice/B"] == rows["dice/B"]
+    assert set(h.evaluate_pool({0: state}, {0: [entry]}, {"A": 0}, domains=["A"])) == {k for k in pool if k.endswith("/A")}
+    with pytest.raises(ValueError, match="asked to evaluate domain.*C"):
+        h.evaluate(state, domains=["C"])
     blocks = Hospital(task_of(scenario, "h2")).amplitudes(1)
     assert blocks.ndim == 4 and blocks.shape[0] >= 1

@@ -115,6 +115,17 @@ def test_arms_may_change_the_evaluation_adaptation_only(tmp_path):
     assert [sc.evaluation.adaptation for sc in loaded.arms.values()] == ["adabn", "none"]
 
 
+@pytest.mark.parametrize("reserved", ["all", "pooled", "server"])
+def test_hospital_ids_that_name_result_rows_are_refused(tmp_path, reserved, capsys):
+    from simlab.cli import main
+
+    path = write(tmp_path, GOOD.replace("  - id: h2\n", f"  - id: {reserved}\n"))
+    err = error_of(path)
+    assert f"{reserved!r} is reserved" in dict(err.problems)["hospitals[1].id"]
+    assert main(["validate", str(path)]) == 2
+    assert "hospitals[1].id" in capsys.readouterr().err
+
+
 def test_arm_override_errors_name_the_arm(tmp_path):
     text = GOOD + "arms:\n  - {name: fast, set: {federation.lr: -1}}\n"
     err = error_of(write(tmp_path, text))

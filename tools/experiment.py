@@ -18,8 +18,9 @@ seed prints the mean alone):
 * ``--group NAME=d1,d2``: the mean of those domains' final Dice, computed per seed first;
 * ``ACC``: the pooled ACC; ``MB``: bytes sent down + up; ``bank kB``: bytes of amplitude blocks
   shared (``bytes_bank`` summed over ``rounds.jsonl``); ``wall s``: the arm's wall time;
-  ``s/round``: the median wall time of the rounds without evaluation (less sensitive to a
-  momentary load than the total).
+  ``s/round``: the median training time of a round (``train_s``; in runs that predate it, the wall
+  time of the rounds without evaluation), less sensitive to a momentary load than the total;
+  ``eval s``: the median evaluation time of an evaluated round (``eval_s``; NaN before it existed).
 
 ``--baseline ARM``: a table of the per-seed paired difference ``arm − ARM`` of every Dice column
 (arms run on identical streams, so pairing by seed removes the seed-to-seed spread they share).
@@ -75,12 +76,15 @@ def seed_values(run_dir: Path, groups: dict[str, list[str]]) -> dict[str, dict[s
                 raise SystemExit(f"--group {name}: unknown domain(s) {missing} (evaluated: {list(fd)})")
             row[name] = sum(fd[d] for d in doms) / len(doms)
         mine = [r for r in rounds if r["arm"] == arm and r["round"] > 0]
-        train = [r["wall_time_s"] for r in mine if not r.get("evaluated")]
+        train = ([r["train_s"] for r in mine if "train_s" in r]
+                 or [r["wall_time_s"] for r in mine if not r.get("evaluated")])
+        evals = [r["eval_s"] for r in rounds if r["arm"] == arm and "eval_s" in r]
         row["ACC"] = math.nan if a["acc"] is None else float(a["acc"])
         row["MB"] = a["bytes_total"] / 1e6
         row["bank kB"] = sum(r.get("bytes_bank", 0) for r in mine) / 1e3
         row["wall s"] = float(a["wall_time_s"])
         row["s/round"] = statistics.median(train) if train else math.nan
+        row["eval s"] = statistics.median(evals) if evals else math.nan
         out[arm] = row
     return out
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     report: dict = {"per_seed": per_seed, "aggregate": agg}
     dice_cols = [c for c in next(iter(next(iter(per_seed.values())).values()))
-                 if c not in ("ACC", "MB", "bank kB", "wall s", "s/round")]
+                 if c not in ("ACC", "MB", "bank kB", "wall s", "s/round", "eval s")]
     if args.baseline:
         if any(args.baseline not in v for v in per_seed.values()):
             raise SystemExit(f"--baseline {args.baseline}: no such arm in every run")

@@ -177,15 +177,16 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Every registered metric of the model deployed at this hospital (or the routed ODEx pool) on every
-    domain's test set."""
+    """Every registered metric of the model deployed at this hospital (or the routed ODEx pool) on the
+    test set of each domain the message names (every evaluation domain when it names none)."""
     req = codec.decode_evaluate(msg.content)
     hospital = _node_hospital(req.task, context)
     if req.members is None:
         local = hospital.task.federation.norm == "local"  # only then does the deployed model use private state
         private = _method_state(req.state, context, _state_store(req.state, context, hospital.id)) if local else {}
-        out = hospital.evaluate(req.model, private)
+        out = hospital.evaluate(req.model, private, req.domains)
     else:
-        out = hospital.evaluate_pool(req.members, req.histories, req.oracle)
-    out["num-examples"] = float(len(hospital.task.eval_domains) * hospital.task.evaluation.test_size)
+        out = hospital.evaluate_pool(req.members, req.histories, req.oracle, req.domains)
+    n_domains = len(hospital.task.eval_domains if req.domains is None else req.domains)
+    out["num-examples"] = float(n_domains * hospital.task.evaluation.test_size)
     return _reply(msg, codec.EvaluateReply(out))

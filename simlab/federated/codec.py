@@ -149,6 +149,7 @@ class Evaluate:
     histories: dict[int, list[Entry]] | None = None
     oracle: dict[str, int] | None = None  # true domain → member trained on it most (evaluation only)
     state: dict = field(default_factory=dict)  # as Train.state: where the hospital's private state is
+    domains: list[str] | None = None  # the test domains to evaluate (None: every domain of the task)
 
 
 # ------------------------------------------------------------------------------ replies
@@ -240,6 +241,8 @@ def _encode_train_reply(msg: TrainReply) -> RecordDict:
 
 def _encode_evaluate(msg: Evaluate, enc: Encoder) -> RecordDict:
     config: dict = {"round": msg.round, "task": msg.task, **msg.state}
+    if msg.domains is not None:
+        config["domains"] = list(msg.domains)
     if msg.members is None:
         return RecordDict({"arrays": enc.arrays(msg.model), "config": ConfigRecord(config)})
     records = {f"m{m}": enc.arrays(state) for m, state in msg.members.items()}
@@ -293,12 +296,14 @@ def _state_config(cfg) -> dict:
 
 def decode_evaluate(content: RecordDict) -> Evaluate:
     cfg = content["config"]
+    domains = [str(d) for d in cfg["domains"]] if "domains" in cfg else None
     if "members" not in cfg:
         return Evaluate(int(cfg["round"]), str(cfg["task"]), model=from_array_record(content["arrays"]),
-                        state=_state_config(cfg))
+                        state=_state_config(cfg), domains=domains)
     members = {int(m): from_array_record(content[f"m{int(m)}"]) for m in cfg["members"]}
     return Evaluate(int(cfg["round"]), str(cfg["task"]), members=members, histories=unpack_histories(content),
-                    oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()}, state=_state_config(cfg))
+                    oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()}, state=_state_config(cfg),
+                    domains=domains)
 
 
 def decode_train_reply(content: RecordDict, like: State, first_block: State | None = None) -> TrainReply:

@@ -2,10 +2,17 @@
 
 A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
 part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
-arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) by
-sending ``evaluate`` to every hospital → write a checkpoint (:mod:`simlab.checkpoint`). The true
-domain of each window comes from the scenario's drift schedule and is used for evaluation and logging
-only; it is never sent to a hospital.
+arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) →
+write a checkpoint (:mod:`simlab.checkpoint`). The true domain of each window comes from the
+scenario's drift schedule and is used for evaluation and logging only; it is never sent to a hospital.
+
+Evaluation follows what is deployed (:meth:`Federation.deployed_per_hospital`): a model that differs
+per hospital (local normalisation) is evaluated by every hospital on every domain, rows under each
+hospital; a model deployed identically everywhere is evaluated once per domain, by the evaluators of
+:func:`simlab.federated.eval_plan.assign_evaluators` (nobody else is contacted), rows under
+:data:`simlab.runlog.SHARED`, which every hospital's R reads as its own. rounds.jsonl has the
+training and evaluation time of each round (``train_s``, ``eval_s``), the evaluation's bytes down
+(``eval_bytes_down``, included in ``bytes_down``) and its evaluators.
 
 Resuming (``resume=True``): the arm's checkpoint is loaded, metrics.jsonl and rounds.jsonl are cut
 back to their lengths at that checkpoint, and the run goes on with the next round. An arm with no
@@ -28,10 +35,11 @@ from simlab.data.drift import true_domains
 from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import state_nbytes
+from simlab.federated.eval_plan import assign_evaluators
 from simlab.models.norm import norm_state_keys
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
 from simlab.rundir import settings_fingerprint
-from simlab.runlog import RunLog
+from simlab.runlog import SHARED, RunLog
 from simlab.scenario.task import task_json, task_of
 from simlab.config import to_plain
 from simlab.scenario.schema import Scenario
@@ -150,23 +158,67 @@ class Federation:
         """A train message: the round, the hospital's task, its state key, the model to train."""
         return codec.Train(t, self.parts[h], model, self.state_config(h), want_entry=self.wants_entry, **extra)
 
-    # ------------------------------------------------------------------ phases
-    def evaluate(self, t: int, state: dict[str, np.ndarray]) -> int:
-        requests = {h: codec.Evaluate(t, self.parts[h], model=state, state=self.state_config(h)) for h in self.ids}
-        self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))
-        return len(self.ids) * state_nbytes(state)
+    # ------------------------------------------------------------------ evaluation
+    def deployed_per_hospital(self) -> bool:
+        """Whether the model deployed at one hospital differs from the next one's, so that every hospital
+        evaluates its own: yes under ``federation.norm: local`` (FedBN: each hospital deploys the global
+        model with its own normalisation layers); no for the shared global model, with or without
+        ``evaluation.adaptation: adabn`` (AdaBN re-estimates the statistics on each test set, which
+        depends on the domain only). A federation whose deployed system differs per hospital
+        (personalised or per-hospital routed models) overrides this."""
+        return self.sc.federation.norm == "local"
 
-    def _collect_eval(self, t: int, replies: dict[str, Message]) -> None:
-        for h, reply in replies.items():
-            if reply.has_error():
-                log.warning("round %d: evaluation failed at %s: %s", t, h, reply.error.reason)
+    def evaluation_plan(self) -> dict[str, list[str] | None]:
+        """Evaluator → the domains it evaluates, in hospital order (None: every domain). Per-hospital
+        models: every hospital, every domain; one deployed model: each domain once
+        (:func:`~simlab.federated.eval_plan.assign_evaluators`, the same in every round)."""
+        if self.deployed_per_hospital():
+            return {h: None for h in self.ids}
+        streams = {h.id: list(h.drift.referenced_domains()) for h in self.sc.hospitals}
+        return assign_evaluators(self.sc.eval_domains, streams)
+
+    def eval_requests(self, t: int, state: dict[str, np.ndarray], plan: dict[str, list[str] | None]
+                      ) -> dict[str, codec.Evaluate]:
+        """The ``evaluate`` message of each evaluator: the model, and where its private state is only
+        when the deployed model uses it."""
+        private = self.deployed_per_hospital()
+        return {h: codec.Evaluate(t, self.parts[h], model=state, state=self.state_config(h) if private else {},
+                                  domains=domains) for h, domains in plan.items()}
+
+    def evaluate(self, t: int, state: dict[str, np.ndarray]) -> tuple[int, list[str]]:
+        """Evaluate round t's deployed model(s) (:meth:`evaluation_plan`); the bytes sent down and the
+        evaluators. Rows: one per evaluated domain × metric, under the evaluator's id when models are
+        deployed per hospital, else under :data:`~simlab.runlog.SHARED`. An evaluator that fails (an
+        error, or no reply before the timeout) gets an ``eval_failed`` row (its id, no domain), and its
+        domains have no rows in round t: with a shared model they are missing (NaN) for every
+        hospital in that round, never filled in from elsewhere."""
+        plan = self.evaluation_plan()
+        requests = self.eval_requests(t, state, plan)
+        self._collect_eval(t, list(plan), self._send(codec.EVALUATE, list(plan), requests))
+        return sum(codec.broadcast_nbytes(requests[h]) for h in plan), list(plan)
+
+    def _collect_eval(self, t: int, evaluators: list[str], replies: dict[str, Message]) -> None:
+        owner = None if self.deployed_per_hospital() else SHARED
+        for h in evaluators:
+            reply = replies.get(h)
+            if reply is None or reply.has_error():
+                reason = "no reply before the timeout" if reply is None else reply.error.reason
+                log.warning("round %d: evaluation failed at %s: %s", t, h, reason)
                 self.log.metric(t, h, None, "eval_failed", 1.0)
                 continue
             for key, value in sorted(codec.decode_metrics(reply.content).items()):
                 if "/" in key:
                     metric, domain = key.split("/", 1)
-                    self.log.metric(t, h, domain, metric, value)
+                    self.log.metric(t, owner or h, domain, metric, value)
 
+    def timed_evaluation(self, t: int, state: dict[str, np.ndarray]) -> dict:
+        """:meth:`evaluate`, with what rounds.jsonl records of it: ``eval_s`` (wall time),
+        ``eval_bytes_down`` and ``evaluators``."""
+        start = time.perf_counter()
+        down, evaluators = self.evaluate(t, state)
+        return {"eval_s": time.perf_counter() - start, "eval_bytes_down": down, "evaluators": evaluators}
+
+    # ------------------------------------------------------------------ training
     def train_replies(self, t: int, targets: list[str], requests: dict[str, codec.Train]
                       ) -> tuple[dict[str, Message], list[str]]:
         """Send ``train`` and keep the good replies (hospital order); failures are logged and listed."""
@@ -305,14 +357,17 @@ class Federation:
         eval_at = set(evaluation_rounds(sc))
         if done < 0:
             start = time.perf_counter()
-            self.evaluate(0, state)
-            self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True)
+            ev = self.timed_evaluation(0, state)
+            self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True,
+                                bytes_down=ev["eval_bytes_down"], **ev)
             self.save(0, state, started)
         for t in range(max(done, 0) + 1, sc.federation.rounds + 1):
             start = time.perf_counter()
             state, cost = self.train_round(t, state, keys)
+            cost["train_s"] = time.perf_counter() - start
             if t in eval_at:
-                cost["bytes_down"] += self.evaluate(t, state)
+                cost.update(self.timed_evaluation(t, state))
+                cost["bytes_down"] += cost["eval_bytes_down"]
             self.log.round_cost(t, wall_time_s=time.perf_counter() - start, evaluated=t in eval_at, **cost)
             self.save(t, state, started)
         return state

@@ -11,8 +11,9 @@ hospital trains the initial model and the server groups the returned window stat
 first members (:meth:`OdexFederation.first_round`); (3) per member, the updates are aggregated with
 the configured rule and the window statistics become one new history entry; same-round forks of one
 parent merge when their statistics agree; the pool is capped. Evaluation sends the whole pool and
-routes every test image to its closest member. Rows written: pool_size (hospital 'server'), member and
-shift_ratio per hospital, fork (value = new member id), fork_refused.
+routes every test image to its closest member; the routed pool is the same at every hospital, so each
+test domain is evaluated once (rows under hospital 'all'). Rows written: pool_size (hospital
+'server'), member and shift_ratio per hospital, fork (value = new member id), fork_refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import histories_nbytes, state_nbytes
 from simlab.federated.federation import Federation
+from simlab.runlog import SERVER
 
 log = logging.getLogger("simlab")
 
@@ -120,7 +122,7 @@ class OdexFederation(Federation):
             return state, cost
         self.pool.apply(t, decisions, updates, lambda items, ref: self._aggregate(t, items, keys, ref),
                         lambda h, domain, metric, value: self.log.metric(t, h, domain, metric, value))
-        self.log.metric(t, "server", None, "pool_size", len(self.pool))
+        self.log.metric(t, SERVER, None, "pool_size", len(self.pool))
         cost["pool_size"] = len(self.pool)
         return state, cost
 
@@ -172,10 +174,15 @@ class OdexFederation(Federation):
         return result.model
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, t: int, state) -> int:
+    def deployed_per_hospital(self) -> bool:
+        """No: the deployed system is the whole pool, and routing a test image reads only the pool and
+        the image (:meth:`simlab.hospital.Hospital.evaluate_pool`), never the hospital, so the pool is
+        evaluated once per domain like a shared model."""
+        return False
+
+    def eval_requests(self, t: int, state, plan: dict[str, list[str] | None]) -> dict[str, codec.Evaluate]:
+        """The pool (members, histories, the oracle's member per domain) to every evaluator, with its domains."""
         members = {m: mem.state for m, mem in self.pool.members.items()}
         histories, oracle = self.pool.histories(), self.pool.oracle()
-        requests = {h: codec.Evaluate(t, self.parts[h], members=members, histories=histories, oracle=oracle)
-                    for h in self.ids}
-        self._collect_eval(t, self._send(codec.EVALUATE, self.ids, requests))
-        return len(self.ids) * codec.broadcast_nbytes(requests[self.ids[0]])
+        return {h: codec.Evaluate(t, self.parts[h], members=members, histories=histories, oracle=oracle,
+                                  domains=domains) for h, domains in plan.items()}

@@ -27,6 +27,7 @@ from simlab.compare import final_pool_sizes
 from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
 from simlab.rundir import RunDirError, read_finished_run
+from simlab.runlog import SHARED
 
 __all__ = ["ReportError", "write_report"]
 
@@ -359,7 +360,9 @@ def _dice_section(page: _Page, run: RunData) -> None:
     for hid in run.hospitals:
         stages = first["per_hospital"][hid].get("stages", [])
         doms = list(dict.fromkeys(s["domain"] for s in stages))
-        series = {(arm, d): sorted(per.get((arm, hid, d), [])) for arm in run.arms for d in doms}
+        # a hospital without rows of its own deploys the model evaluated once for all (rows under SHARED)
+        series = {(arm, d): sorted(per.get((arm, hid, d)) or per.get((arm, SHARED, d), [])) for arm in run.arms
+                  for d in doms}
         panels.append({"title": f"hospital {hid}: Dice on the domains of its own stream", "series": series,
                        "stages": stages, "spans": run.spans(hid)})
     fig = dice_figure(panels, run.arms, run.domains, run.rounds)

@@ -18,6 +18,7 @@ from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
 from simlab.aggregation import AggregationParams
 from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
+from simlab.runlog import RESERVED_IDS
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,9 @@ class Scenario(DerivedFacts):
         p, last = [], self.federation.rounds
         if [g.id for g in self.hospitals].count(h.id) > 1:
             p.append((f"hospitals[{i}].id", f"duplicate hospital id {h.id!r}"))
+        if h.id in RESERVED_IDS:
+            p.append((f"hospitals[{i}].id", f"{h.id!r} is reserved: results name rows and files "
+                                            f"{', '.join(map(repr, RESERVED_IDS))} that are not a hospital's"))
         for d in h.drift.referenced_domains():
             if d not in self.domains:
                 p.append((f"hospitals[{i}].drift", f"unknown domain {d!r} (named domains: {', '.join(self.domains)})"))
