@@ -64,13 +64,16 @@ def _fmt(v) -> str:
 def print_summary(console, summary: dict, run_dir: Path) -> None:
     from rich.table import Table
 
+    from simlab.rundir import reference_label
+
     table = Table(title=f"{summary['scenario']} (seed {summary['seed']}): pooled over hospitals")
     for col in ("arm", "ACC", "BWT", "FWT", "forgetting", "worst hospital BWT", "pool", "MB sent", "wall s"):
         table.add_column(col, justify="right" if col != "arm" else "left")
     for name, a in summary["arms"].items():
         per = {h: v["bwt"] for h, v in a["per_hospital"].items() if v["bwt"] is not None}
         worst = min(per.items(), key=lambda kv: kv[1]) if per else None
-        label = name + (" (upper bound: rehearses)" if a["breaks_no_rehearsal"] else "")
+        ref = reference_label(a)
+        label = name + (f" ({ref})" if ref else "")
         table.add_row(label, _fmt(a["acc"]), _fmt(a["bwt"]), _fmt(a["fwt"]), _fmt(a["forgetting"]),
                       f"{worst[0]} {_fmt(worst[1])}" if worst else "n/a",
                       str(a["pool"]["pool_size_final"]) if "pool" in a else "1",

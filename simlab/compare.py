@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simlab.metrics.registry import HEADLINE, REGISTRY
-from simlab.rundir import RunDirError, fingerprinted_settings, read_finished_run, settings_fingerprint
+from simlab.rundir import (RunDirError, fingerprinted_settings, read_finished_run, reference_label,
+                           settings_fingerprint)
 
 __all__ = [
     "CompareError",
@@ -211,7 +212,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
         if name in pools:
             values["pool_size"] = pools[name]
         arms[name] = values
-        meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal")}
+        meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal", "uses_future_data")}
     return RunInfo(path=path, scenario=str(summary.get("scenario") or scenario.get("name") or path.name),
                    seed=summary.get("seed", scenario.get("seed")),
                    fingerprint=settings_fingerprint(scenario) if scenario else None,
@@ -307,19 +308,28 @@ def fmt_stat(s: Stat | None, spec: MetricSpec) -> str:
     return text
 
 
+REFERENCE_CAPTIONS = {
+    "replay (breaks no-rehearsal)": "replay: revisits every old window with the same steps per round, a "
+                                    "compute-matched reference that breaks the no-rehearsal rule on purpose.",
+    "upper bound (static, all data)": "upper bound: trains i.i.d. on all of the stream's data from round 1 "
+                                      "(future rounds included), so it never sees a drift; its BWT/FWT mean nothing.",
+}
+
+
 def comparison_table(groups: list[Group]):
     """A rich Table: one row per group × arm, columns for the metrics present in any arm.
 
-    Arms that break the no-rehearsal rule (joint, the upper bound) are marked with † and a caption.
+    Reference arms (replay, the static upper bound) carry their label (:func:`reference_label`)
+    and a caption says what they are.
     """
     from rich.markup import escape
     from rich.table import Table
 
     present = [m for m in METRICS if any(m.key in st for g in groups for st in g.stats.values())]
     multi = len(groups) > 1
-    upper = any(g.meta.get(arm, {}).get("breaks_no_rehearsal") for g in groups for arm in g.stats)
+    labels = {reference_label(g.meta.get(arm, {})) for g in groups for arm in g.stats} - {None}
     table = Table(title="runs compared: mean ± std (n runs) per arm; pooled over hospitals",
-                  caption="† upper bound: revisits old windows (breaks the no-rehearsal rule on purpose)" if upper else None)
+                  caption=" ".join(REFERENCE_CAPTIONS[lab] for lab in sorted(labels)) or None)
     if multi:
         table.add_column(escape("scenario [settings]"), no_wrap=True)
     table.add_column("arm", no_wrap=True)
@@ -331,7 +341,8 @@ def comparison_table(groups: list[Group]):
         label = f"{g.scenario} [{g.fingerprint or '?'}]"
         seeds = ",".join(str(s) for s in g.seeds)
         for k, (arm, stats) in enumerate(g.stats.items()):
-            name = arm + (" †" if g.meta.get(arm, {}).get("breaks_no_rehearsal") else "")
+            lab = reference_label(g.meta.get(arm, {}))
+            name = arm + (f" ({lab})" if lab else "")
             cells = [fmt_stat(stats.get(m.key), m) for m in present]
             table.add_row(*([escape(label) if k == 0 else ""] if multi else []), escape(name), seeds, *cells,
                           end_section=multi and k == len(g.stats) - 1)

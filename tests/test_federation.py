@@ -46,15 +46,15 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", str(scenario), "--out", str(out), "--quiet",
                "--set", "arms=[{name: sequential, set: {continual.method: sequential}}, "
-                        "{name: joint, set: {continual.method: joint}}]"])
+                        "{name: replay, set: {continual.method: replay}}]"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "run directory" in printed and "joint" in printed
+    assert "run directory" in printed and "replay" in printed
     for name in ("scenario.yaml", "metrics.jsonl", "rounds.jsonl", "summary.json", "simlab.log",
-                 "R/sequential/h1.csv", "R/joint/pooled.csv", "dice_by_round/joint.csv"):
+                 "R/sequential/h1.csv", "R/replay/pooled.csv", "dice_by_round/replay.csv"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    for arm in ("sequential", "joint"):
+    for arm in ("sequential", "replay"):
         a = summary["arms"][arm]
         assert {"acc", "bwt", "fwt", "forgetting", "wall_time_s", "per_hospital"} <= set(a)
         assert 0.0 <= a["acc"] <= 1.0 and a["wall_time_s"] > 0
@@ -62,7 +62,7 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
         assert [s["domain"] for s in h1["stages"]] == ["A", "B"] and len(h1["R"]) == 2
         assert h1["bwt"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0], abs=1e-5)
         assert a["per_hospital"]["h2"]["bwt"] is None  # one stage: no backward transfer
-    assert summary["arms"]["joint"]["breaks_no_rehearsal"] is True
+    assert summary["arms"]["replay"]["breaks_no_rehearsal"] is True
     rows = read_rows(out)
     evals = {(r["arm"], r["round"]) for r in rows if r["metric"] == "dice"}
     # round 0, every 2 rounds, the last round of h1's first stage (2) and the end (4)

@@ -54,8 +54,8 @@ def hd95_value(arm: str, hospital: str, domain: str, t: int) -> float:
 
 
 def make_run_dir(path, arms: list[str], odex: bool = False, failures: bool = False, hd95: bool = False):
-    raw = {**SCENARIO, "arms": [{"name": a, "set": {"continual.method": "joint" if a.startswith("joint") else "sequential"}}
-                                for a in arms]}
+    method = {a: next((m for m in ("replay", "upper_bound") if a.startswith(m)), "sequential") for a in arms}
+    raw = {**SCENARIO, "arms": [{"name": a, "set": {"continual.method": method[a]}} for a in arms]}
     loaded = load_scenario_dict(raw, "synthetic.yaml")
     path.mkdir()
     (path / "scenario.yaml").write_text(yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
@@ -123,31 +123,32 @@ def test_report_one_arm(tmp_path):
     assert f"<td class=\"num\">{a['acc']:.3f}</td>" in html
     assert f"{a['bwt']:+.3f}" in html and a["bwt"] < 0  # h1 forgets A after round 3
     assert "abrupt: A → B (from round 4)" in html and "gradual (mix): C → A over rounds 2–5" in html
-    assert "upper bound, rehearses" not in html.split('id="scenario"')[0]
+    assert "<em>(replay" not in html.split('id="scenario"')[0] and "<em>(upper bound" not in html
 
 
 def test_report_two_arms_with_pool_and_failures(tmp_path):
-    run, summary = make_run_dir(tmp_path / "run", ["sequential", "joint"], odex=True, failures=True)
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "replay"], odex=True, failures=True)
     assert run_report(str(run)) == 0
     html = (run / "report" / "index.html").read_text()
     pngs = {p.name for p in (run / "report").glob("*.png")}
     assert {"pool_size.png", "routing_purity.png", "R_pooled.png", "dice_over_rounds.png"} <= pngs
     assert len(images(html)) == len(pngs) == 7
-    assert "Single model" not in html and "Forks per arm: {&#x27;sequential&#x27;: 1, &#x27;joint&#x27;: 1}" in html
+    assert "Single model" not in html and "Forks per arm: {&#x27;sequential&#x27;: 1, &#x27;replay&#x27;: 1}" in html
     summary_table = html.split('<h2 id="summary">')[1].split("<h3>")[0]
-    assert "joint <em>(upper bound, rehearses)</em>" in summary_table and '<tr class="upper">' in summary_table
+    assert "replay <em>(replay (breaks no-rehearsal))</em>" in summary_table
+    assert '<tr class="reference">' in summary_table
     assert summary_table.count("<td class=\"num\">2</td>") == 2  # final pool K of both arms
     failures = html.split('<h2 id="failures">')[1].split("<h2")[0]
     assert "train_failed" in failures and "update_rejected" in failures and "<td class=\"num\">3</td>" in failures
-    for arm in ("sequential", "joint"):
+    for arm in ("sequential", "replay"):
         assert f"{summary['arms'][arm]['acc']:.3f}" in summary_table
 
 
 def test_registered_metrics_in_the_report_and_results(tmp_path):
-    plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "joint"])
-    run, summary = make_run_dir(tmp_path / "run", ["sequential", "joint"], hd95=True)
+    plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "replay"])
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "replay"], hd95=True)
     # the headline files do not change when other metrics are logged
-    for rel in ("R/sequential/pooled.csv", "R/sequential/h1.csv", "R/joint/h2.csv", "dice_by_round/sequential.csv"):
+    for rel in ("R/sequential/pooled.csv", "R/sequential/h1.csv", "R/replay/h2.csv", "dice_by_round/sequential.csv"):
         assert (run / rel).read_bytes() == (plain / rel).read_bytes()
     for hid in ("pooled", "h1", "h2"):
         text = (run / "R" / "sequential" / f"{hid}.hd95.csv").read_text()
@@ -157,7 +158,7 @@ def test_registered_metrics_in_the_report_and_results(tmp_path):
     assert seq["direction"] == "lower" and seq["forgetting"] > 0 and seq["bwt"] < 0  # A got worse after B
     h1 = seq["per_hospital"]["h1"]
     assert h1["forgetting"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0]) and h1["forgetting"] > 0
-    assert summary["arms"]["joint"]["metrics"]["hd95"]["forgetting"] <= 0  # joint keeps improving on A
+    assert summary["arms"]["replay"]["metrics"]["hd95"]["forgetting"] <= 0  # replay keeps improving on A
     assert seq["missed"] == pytest.approx(0.05) and "hd95" in summary["metric_labels"]
     html = write_report(run).read_text()
     summary_table = html.split('<h2 id="summary">')[1].split("<h3>")[0]

@@ -1,4 +1,4 @@
-"""Local training: determinism, the episodic (FedDG) step, corrupted hospitals, joint rehearsal."""
+"""Local training: determinism, the episodic (FedDG) step, corrupted hospitals, replay."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simlab.augment.frequency import FrequencyAugmenter, FrequencyParams
-from simlab.continual.joint import Joint
+from simlab.continual.replay import Replay
 from simlab.continual.sequential import Sequential
 from simlab.continual.training import TrainConfig, train_local
 from simlab.data.streams import corrupt_labels
@@ -75,10 +75,10 @@ def test_corrupted_labels_swap_or_randomise_only_the_chosen_share():
     assert corrupt_labels(y, clean, np.random.default_rng(0), 3) is y
 
 
-def test_joint_rehearses_every_seen_window_sequential_does_not():
-    seq, joint = Sequential(), Joint()
+def test_replay_rehearses_every_seen_window_sequential_does_not():
+    seq, replay = Sequential(), Replay()
     assert seq.training_rounds(3, {}) == [3]
-    state = joint.after_round(None, None, None, joint.training_rounds(1, {}), {}, None, 0)
-    state = joint.after_round(None, None, None, joint.training_rounds(2, state), state, None, 0)
-    assert joint.training_rounds(3, state) == [1, 2, 3]
-    assert joint.breaks_no_rehearsal and not seq.breaks_no_rehearsal
+    state = replay.after_round(None, None, None, replay.training_rounds(1, {}), {}, None, 0)
+    state = replay.after_round(None, None, None, replay.training_rounds(2, state), state, None, 0)
+    assert replay.training_rounds(3, state) == [1, 2, 3]
+    assert replay.breaks_no_rehearsal and not seq.breaks_no_rehearsal

@@ -9,6 +9,8 @@ A method is one class. It declares
 - ``keeps_state``: whether it carries hospital-private state from round to round (saved at the
   hospital, never sent; :meth:`after_round` returns it);
 - ``breaks_no_rehearsal``: whether it revisits old images (a reference, never a deployable method);
+- ``uses_future_data``: whether it also trains on windows of rounds still to come (the static upper
+  bound; implies ``breaks_no_rehearsal``);
 - ``server``: which federation runs it — ``"global"`` (one shared model) or ``"pool"`` (a model pool
   with shift detection, ODEx);
 - ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it.
@@ -50,6 +52,7 @@ class Method:
     Params: ClassVar[type | None] = None
     keeps_state: ClassVar[bool] = False
     breaks_no_rehearsal: ClassVar[bool] = False
+    uses_future_data: ClassVar[bool] = False
     server: ClassVar[str] = "global"
     with_frequency_augmentation: ClassVar[bool] = True
 
