@@ -144,6 +144,14 @@ def test_report_two_arms_with_pool_and_failures(tmp_path):
         assert f"{summary['arms'][arm]['acc']:.3f}" in summary_table
 
 
+def test_reference_arms_are_labelled_for_what_they_are(tmp_path):
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "upper_bound"])
+    assert summary["arms"]["upper_bound"]["uses_future_data"] and not summary["arms"]["sequential"]["uses_future_data"]
+    summary_table = write_report(run).read_text().split('<h2 id="summary">')[1].split("<h3>")[0]
+    assert "upper_bound <em>(upper bound (static, all data))</em>" in summary_table
+    assert summary_table.count('<tr class="reference">') == 1
+
+
 def test_registered_metrics_in_the_report_and_results(tmp_path):
     plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "replay"])
     run, summary = make_run_dir(tmp_path / "run", ["sequential", "replay"], hd95=True)

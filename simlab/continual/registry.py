@@ -17,10 +17,12 @@ from simlab.continual.method import Method
 from simlab.continual.odex import Odex
 from simlab.continual.replay import Replay
 from simlab.continual.sequential import Sequential
+from simlab.continual.upper_bound import UpperBound
 
 METHODS: dict[str, type[Method]] = {
     "sequential": Sequential,
     "replay": Replay,
+    "upper_bound": UpperBound,
     "ewc": EWC,
     "odex": Odex,
     "lwf": LwF,
