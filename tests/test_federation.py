@@ -140,9 +140,11 @@ def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
 
 @pytest.mark.flower
 def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
-    """LwF, the coordinate-wise median and the trimmed mean, each as an arm of one run."""
+    """LwF, the static upper bound, the coordinate-wise median and the trimmed mean, each as an arm of
+    one run."""
     out = tmp_path / "run"
     arms = ("arms=[{name: lwf, set: {continual.method: lwf, continual.lwf.temperature: 3.0}}, "
+            "{name: ub, set: {continual.method: upper_bound}}, "
             "{name: median, set: {federation.aggregation.rule: median}}, "
             "{name: trimmed, set: {federation.aggregation.rule: trimmed_mean, "
             "federation.aggregation.trimmed_mean.beta: 0.1}}]")
@@ -150,14 +152,15 @@ def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
                  "--set", arms]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"]["lwf"]["method"] == "lwf"
+    assert summary["arms"]["ub"]["uses_future_data"] and summary["arms"]["ub"]["breaks_no_rehearsal"]
     assert [summary["arms"][a]["aggregation"] for a in ("median", "trimmed")] == ["median", "trimmed_mean"]
     rows = read_rows(out)
-    for arm in ("lwf", "median", "trimmed"):
+    for arm in ("lwf", "ub", "median", "trimmed"):
         assert summary["arms"][arm]["failed_updates"] == 0 and summary["arms"][arm]["skipped_rounds"] == 0
         assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "train_loss"} == {1, 2, 3}
         assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "dice"} == {0, 2, 3}
     weights = {r["arm"] for r in rows if r["metric"] == "agg_weight"}
-    assert weights == {"lwf"}  # median and trimmed mean are not weightings: no weights to log
+    assert weights == {"lwf", "ub"}  # median and trimmed mean are not weightings: no weights to log
 
 
 @pytest.mark.flower
