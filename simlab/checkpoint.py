@@ -10,7 +10,7 @@ Two kinds of state survive a crash, each where it lives:
   with the next round, so the final files have no gap and no duplicated row. Nothing random is
   carried: every seed is derived from (scenario seed, purpose, hospital, round).
 - **Hospital** (:class:`HospitalStateStore`): methods that carry state from round to round at the
-  hospital (EWC's Fisher and anchor, joint's list of seen rounds) save it on the hospital's own disk
+  hospital (EWC's Fisher and anchor, replay's list of seen rounds) save it on the hospital's own disk
   after each round they train; it never travels to the server. After a restart the server tells
   each hospital which round's state continues the run (the last round the server received its
   update for), and the hospital loads it.

@@ -82,7 +82,7 @@ def print_summary(console, summary: dict, run_dir: Path) -> None:
     """The results table (metrics × arms, at most 80 columns: :func:`simlab.compare.side_by_side`)."""
     from rich.markup import escape
 
-    from simlab.compare import side_by_side
+    from simlab.compare import reference_caption, reference_mark, side_by_side
 
     rows = [("ACC ↑", lambda a: _fmt(a["acc"])), ("BWT ↑", lambda a: _fmt(a["bwt"])),
             ("FWT ↑", lambda a: _fmt(a["fwt"])), ("forgetting ↓", lambda a: _fmt(a["forgetting"])),
@@ -90,12 +90,10 @@ def print_summary(console, summary: dict, run_dir: Path) -> None:
             ("pool K", lambda a: str(a["pool"]["pool_size_final"]) if "pool" in a else "1"),
             ("MB sent", lambda a: f"{a['bytes_total'] / 1e6:.1f}"), ("wall s", lambda a: f"{a['wall_time_s']:.0f}")]
     arms = summary["arms"]
-    upper = any(a["breaks_no_rehearsal"] for a in arms.values())
-    columns = [(escape(name + (" †" if a["breaks_no_rehearsal"] else "")), [cell(a) for _, cell in rows])
-               for name, a in arms.items()]
+    columns = [(escape(name + reference_mark(a)), [cell(a) for _, cell in rows]) for name, a in arms.items()]
     for table in side_by_side(escape(f"{summary['scenario']} (seed {summary['seed']}): pooled over hospitals"),
                               "metric", [label for label, _ in rows], columns,
-                              caption="† upper bound: rehearses old windows" if upper else None):
+                              caption=reference_caption(arms.values())):
         console.print(table)
     for line in NOTES:
         console.print(line, highlight=False)

@@ -63,7 +63,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simlab.metrics.registry import HEADLINE, REGISTRY
-from simlab.rundir import RunDirError, fingerprinted_settings, read_finished_run, settings_fingerprint
+from simlab.rundir import (REPLAY_LABEL, UPPER_BOUND_LABEL, RunDirError, fingerprinted_settings, read_finished_run,
+                           reference_label, settings_fingerprint)
 
 __all__ = [
     "TABLE_WIDTH",
@@ -237,7 +238,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
         if name in pools:
             values["pool_size"] = pools[name]
         arms[name] = values
-        meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal")}
+        meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal", "uses_future_data")}
     return RunInfo(path=path, scenario=str(summary.get("scenario") or scenario.get("name") or path.name),
                    seed=summary.get("seed", scenario.get("seed")),
                    fingerprint=settings_fingerprint(scenario) if scenario else None,
@@ -378,23 +379,43 @@ def side_by_side(title: str, corner: str, labels: list[str], columns: list[tuple
             for k, cols in enumerate(chunks)]
 
 
+REFERENCE_MARKS = {REPLAY_LABEL: "†", UPPER_BOUND_LABEL: "‡"}
+REFERENCE_CAPTIONS = {
+    REPLAY_LABEL: "† replay: revisits every old window with the same steps per round (breaks no-rehearsal).",
+    UPPER_BOUND_LABEL: "‡ upper bound: static, trains i.i.d. on all of the stream's data from round 1 (future "
+                       "rounds included); its BWT/FWT mean nothing.",
+}
+
+
+def reference_mark(arm: dict) -> str:
+    """`` †`` (replay) or `` ‡`` (the static upper bound) after a reference arm's name, else nothing."""
+    label = reference_label(arm)
+    return f" {REFERENCE_MARKS[label]}" if label else ""
+
+
+def reference_caption(arms) -> str | None:
+    """The caption under a table that holds reference arms (``arms``: their summary blocks)."""
+    labels = {reference_label(a) for a in arms} - {None}
+    return " ".join(REFERENCE_CAPTIONS[lab] for lab in REFERENCE_CAPTIONS if lab in labels) or None
+
+
 def comparison_tables(groups: list[Group]) -> list:
     """Per group, rich tables of metrics (rows) × arms (columns), each at most :data:`TABLE_WIDTH` wide:
     the metrics present in any of its arms, every cell ``mean ± std (n)``.
 
-    Arms that break the no-rehearsal rule (joint, the upper bound) are marked with † and a caption.
+    Reference arms carry a mark († replay, ‡ the static upper bound: :func:`reference_label`) and
+    the caption says what they are.
     """
     from rich.markup import escape
 
     tables = []
     for g in groups:
         present = [m for m in METRICS if any(m.key in st for st in g.stats.values())]
-        upper = [arm for arm in g.stats if g.meta.get(arm, {}).get("breaks_no_rehearsal")]
-        columns = [(escape(arm + (" †" if arm in upper else "")), [fmt_stat(stats.get(m.key), m) for m in present])
+        columns = [(escape(arm + reference_mark(g.meta.get(arm, {}))), [fmt_stat(stats.get(m.key), m) for m in present])
                    for arm, stats in g.stats.items()]
         labels = [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
         seeds = ",".join(str(s) for s in g.seeds)
         tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}] seeds {seeds}: mean ± std (n runs)"),
                                "metric (pooled)", labels, columns,
-                               caption="† upper bound: revisits old windows on purpose" if upper else None)
+                               caption=reference_caption(g.meta.get(arm, {}) for arm in g.stats))
     return tables

@@ -5,7 +5,8 @@ optional numeric constraints in ``field(metadata={"ge": .., "gt": .., "le": .., 
 :func:`build` turns a plain mapping (parsed YAML) into such a dataclass and reports *every* problem
 as a :class:`ScenarioError` naming the file, the dotted key path, what was expected and what was
 found. Unknown keys are errors. Cross-field rules live in an optional ``check()`` method of a
-dataclass that returns ``(field, message)`` pairs.
+dataclass that returns ``(field, message)`` pairs. A text field may name values that were renamed,
+``metadata={"renamed": {old: what to write instead}}``: an old value is an error that says so.
 
 YAML is parsed with a ``SafeLoader`` subclass: no object-constructing tags, a size limit on the file,
 and a limit on the *expanded* size of the document, so alias bombs ("billion laughs") are refused
@@ -233,6 +234,10 @@ class _Builder:
             if name not in raw:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     self.fail(f"{prefix}{name}", f"missing required key (expected {_type_name(hints[name])})")
+                continue
+            renamed = f.metadata.get("renamed", {})
+            if isinstance(raw[name], str) and raw[name] in renamed:
+                self.fail(f"{prefix}{name}", f"{raw[name]!r} {renamed[raw[name]]}")
                 continue
             value = self.value(hints[name], raw[name], f"{prefix}{name}")
             self._bounds(f, value, f"{prefix}{name}")

@@ -102,7 +102,8 @@ class Hospital:
         entry = self.window_entry(model, t, device) if want_entry else None
         method_state = {k: v for k, v in private.items() if not k.startswith(NORM)}
         result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
-                                          seed=self._seed("train", t), augment=self._augmenter(bank, t))
+                                          seed=self._seed("train", t), augment=self._augmenter(bank, t),
+                                          last_round=self.task.federation.rounds)
         trained, keep = state_to_numpy(model), dict(result.state)
         if self.task.federation.norm == "local":
             local = set(norm_state_keys(model))

@@ -61,6 +61,7 @@ __all__ = [
     "read_finished_run",
     "read_jsonl",
     "read_run_info",
+    "reference_label",
     "resume_inputs",
     "run_arms",
     "settings_fingerprint",
@@ -72,6 +73,22 @@ __all__ = [
 
 class RunDirError(RuntimeError):
     pass
+
+
+REPLAY_LABEL = "replay (breaks no-rehearsal)"
+UPPER_BOUND_LABEL = "upper bound (static, all data)"
+
+
+def reference_label(arm: dict) -> str | None:
+    """How every table labels an arm that is a reference, not a method (``arm``: its block of
+    ``summary.json``): the static upper bound, which trains on all of the stream's data from the start
+    (future rounds included; its BWT/FWT mean nothing), or replay, which revisits old windows (breaks
+    the no-rehearsal rule). None for a method that keeps the rules."""
+    if arm.get("uses_future_data"):
+        return UPPER_BOUND_LABEL
+    if arm.get("breaks_no_rehearsal"):
+        return REPLAY_LABEL
+    return None
 
 
 # ------------------------------------------------------------------------------------ starting
@@ -248,6 +265,7 @@ def _arm_summary(sc, res: dict, costs: list[dict], wall: float) -> dict:
         "family": method.family,
         "aggregation": sc.federation.aggregation.rule,
         "breaks_no_rehearsal": method.breaks_no_rehearsal,
+        "uses_future_data": method.uses_future_data,
         "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": res["forgetting"],
         "gem_fwt": pooled["gem_fwt"], "chaudhry_forgetting": pooled["chaudhry_forgetting"],
         "forgetting_by_domain": res["forgetting_by_domain"], "forgetting_note": res["forgetting_note"],

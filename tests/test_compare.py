@@ -30,8 +30,9 @@ def make_run(path, arms: dict[str, dict], seed=0, name="synth", lr=0.002, pool: 
     path.mkdir(parents=True)
     summary = {"scenario": name, "seed": seed, "metric_labels": {}, "arms": {}}
     for arm, values in arms.items():
-        summary["arms"][arm] = {"method": "joint" if arm.startswith("joint") else "sequential",
-                                "aggregation": "fedavg", "breaks_no_rehearsal": arm.startswith("joint"), **values}
+        method = next((m for m in ("replay", "upper_bound") if arm.startswith(m)), "sequential")
+        summary["arms"][arm] = {"method": method, "aggregation": "fedavg", "breaks_no_rehearsal": method != "sequential",
+                                "uses_future_data": method == "upper_bound", **values}
     (path / "summary.json").write_text(json.dumps(summary))
     scenario = {"name": name, "seed": seed, "description": "", "federation": {"lr": lr, "rounds": 4},
                 "data": {"image_size": 32, "cache_dir": str(path / "cache")}, "output": {"dir": str(path)}}
@@ -96,16 +97,16 @@ def test_tolerance_parsing_and_errors():
 # -------------------------------------------------------------------------------- grouping
 def test_seeds_grouped_mean_std(tmp_path):
     accs = [0.61, 0.66, 0.70]
-    runs = [load_run(make_run(tmp_path / f"s{s}", {"sequential": {**GOOD, "acc": a}, "joint": GOOD}, seed=s))
+    runs = [load_run(make_run(tmp_path / f"s{s}", {"sequential": {**GOOD, "acc": a}, "replay": GOOD}, seed=s))
             for s, a in enumerate(accs)]
-    other = load_run(make_run(tmp_path / "lr", {"sequential": GOOD, "joint": GOOD}, seed=0, lr=0.1))
+    other = load_run(make_run(tmp_path / "lr", {"sequential": GOOD, "replay": GOOD}, seed=0, lr=0.1))
     groups = group_runs([*runs, other])
     assert len(groups) == 2 and groups[0].seeds == [0, 1, 2] and groups[1].seeds == [0]
     st = groups[0].stats["sequential"]["acc"]
     assert st.n == 3
     assert st.mean == pytest.approx(np.mean(accs))
     assert st.std == pytest.approx(np.std(accs, ddof=1))
-    assert groups[0].stats["joint"]["acc"] == Stat(0.70, 0.0, 3)
+    assert groups[0].stats["replay"]["acc"] == Stat(0.70, 0.0, 3)
     assert "pool_size" not in groups[0].stats["sequential"]  # no pool rows: absent, not zero
     assert Stat.of([0.5], "x") == Stat(0.5, 0.0, 1)
     assert Stat.of([None, None], "x") == Stat(None, 0.0, 0)
@@ -114,13 +115,15 @@ def test_seeds_grouped_mean_std(tmp_path):
 
 
 def test_compare_table_and_settings_diff(tmp_path, capsys):
-    a = make_run(tmp_path / "a", {"sequential": GOOD, "joint": GOOD}, seed=0)
-    b = make_run(tmp_path / "b", {"sequential": {**GOOD, "acc": 0.60}, "joint": GOOD}, seed=1)
-    c = make_run(tmp_path / "c", {"sequential": GOOD, "joint": GOOD}, seed=0, lr=0.05)
+    arms = {"sequential": GOOD, "replay": GOOD, "upper_bound": GOOD}
+    a = make_run(tmp_path / "a", arms, seed=0)
+    b = make_run(tmp_path / "b", {**arms, "sequential": {**GOOD, "acc": 0.60}}, seed=1)
+    c = make_run(tmp_path / "c", arms, seed=0, lr=0.05)
     rc, out = compare(capsys, str(a), str(b), str(c))
     assert rc == 0
     assert "0.650 ± 0.071 (2)" in out  # acc of a and b: mean 0.65, sample std 0.0707
-    assert "joint †" in out and "upper bound" in out
+    assert "replay †" in out and "upper_bound ‡" in out and "sequential †" not in out
+    assert "† replay: revisits" in out and "‡ upper bound: static" in out  # the caption says what they are
     assert "federation.lr: 0.002 → 0.05" in out
     assert "pool K" not in out  # no arm keeps a pool
 
@@ -132,7 +135,7 @@ def test_tables_fit_80_columns_and_split_wide_sets_of_arms(tmp_path):
 
     from simlab.compare import comparison_tables
 
-    names = ["sequential-fedavg", "joint-fedavg", "sequential-ida", "joint-ida", "odex-fedavg"]
+    names = ["sequential-fedavg", "replay-fedavg", "sequential-ida", "replay-ida", "odex-fedavg"]
     runs = [load_run(make_run(tmp_path / f"s{s}", {n: with_hd95({**GOOD, "acc": 0.6 + 0.01 * s}) for n in names},
                               seed=s, pool={"odex-fedavg": [1, 2]})) for s in range(3)]
     tables = comparison_tables(group_runs(runs))
@@ -154,8 +157,8 @@ def test_the_baseline_check_table_fits_80_columns(tmp_path):
 
     from simlab.baseline import check_table
 
-    arms = {n: with_hd95(GOOD) for n in ("sequential-fedavg", "joint-fedavg", "sequential-ida", "joint-ida")}
-    ref = make_run(tmp_path / "ref", arms, pool={"joint-ida": [1, 2]})
+    arms = {n: with_hd95(GOOD) for n in ("sequential-fedavg", "replay-fedavg", "sequential-ida", "replay-ida")}
+    ref = make_run(tmp_path / "ref", arms, pool={"replay-ida": [1, 2]})
     base = tmp_path / "b.yaml"
     run_compare([str(ref)], write_baseline=str(base))
     result = check_against_baseline(group_runs([load_run(ref)])[0], read_baseline(base))
@@ -185,7 +188,7 @@ def test_pool_size_is_the_last_logged_value(tmp_path):
 
 # -------------------------------------------------------------------------------- baselines
 def test_write_baseline_then_unchanged_passes(tmp_path, capsys):
-    runs = [make_run(tmp_path / f"s{s}", {"sequential": {**GOOD, "acc": 0.60 + 0.05 * s}, "joint": GOOD}, seed=s)
+    runs = [make_run(tmp_path / f"s{s}", {"sequential": {**GOOD, "acc": 0.60 + 0.05 * s}, "replay": GOOD}, seed=s)
             for s in range(2)]
     base = tmp_path / "baselines" / "synth.yaml"
     rc, out = compare(capsys, *map(str, runs), "--write-baseline", str(base), "--tolerance", "wall_time_s=rel:3")
@@ -197,8 +200,8 @@ def test_write_baseline_then_unchanged_passes(tmp_path, capsys):
     entry = doc["arms"]["sequential"]["acc"]
     assert entry == {"mean": 0.625, "std": pytest.approx(np.std([0.60, 0.65], ddof=1), abs=1e-6), "n": 2,
                      "direction": "higher", "tolerance": "abs:0.02"}
-    assert doc["arms"]["joint"]["wall_time_s"]["tolerance"] == "rel:3"
-    assert doc["arms"]["joint"]["forgetting"]["direction"] == "lower"
+    assert doc["arms"]["replay"]["wall_time_s"]["tolerance"] == "rel:3"
+    assert doc["arms"]["replay"]["forgetting"]["direction"] == "lower"
     assert doc["scenario"] == "synth" and doc["seeds"] == [0, 1] and doc["runs"] == 2
     rc, out = compare(capsys, *map(str, runs), "--baseline", str(base))
     assert rc == 0 and "no regression" in out and "REGRESSED" not in out
@@ -213,20 +216,20 @@ def test_write_baseline_then_unchanged_passes(tmp_path, capsys):
 
 
 def test_planted_regressions_named_and_good_changes_pass(tmp_path, capsys):
-    base_run = make_run(tmp_path / "base", {"sequential": GOOD, "joint": GOOD})
+    base_run = make_run(tmp_path / "base", {"sequential": GOOD, "replay": GOOD})
     base = tmp_path / "b.yaml"
     assert compare(capsys, str(base_run), "--write-baseline", str(base))[0] == 0
     worse = {**GOOD, "acc": GOOD["acc"] - 0.05,  # worse by more than abs:0.02
              "bwt": GOOD["bwt"] + 0.30, "forgetting": GOOD["forgetting"] - 0.10,  # better: never fail
              "wall_time_s": GOOD["wall_time_s"] * 2.5}  # worse by more than rel:1.0
-    new = make_run(tmp_path / "new", {"sequential": worse, "joint": {**GOOD, "bytes_total": 3_000_000}})
+    new = make_run(tmp_path / "new", {"sequential": worse, "replay": {**GOOD, "bytes_total": 3_000_000}})
     rc, out = compare(capsys, str(new), "--baseline", str(base))
     assert rc == 1
     regressed = [line for line in out.splitlines() if "REGRESSED arm" in line]
     assert len(regressed) == 2
     assert any("arm sequential: acc 0.65" in line for line in regressed)
     assert any("arm sequential: wall_time_s 75" in line for line in regressed)
-    assert "bwt" not in "".join(regressed) and "forgetting" not in "".join(regressed) and "joint" not in "".join(regressed)
+    assert "bwt" not in "".join(regressed) and "forgetting" not in "".join(regressed) and "replay" not in "".join(regressed)
     # explicit tolerances on the command line win over the baseline's
     rc, out = compare(capsys, str(new), "--baseline", str(base), "--tolerance", "acc=abs:0.06",
                       "--tolerance", "wall_time_s=rel:2")
@@ -252,22 +255,22 @@ def test_pool_size_either_direction_against_baseline(tmp_path, capsys):
 
 
 def test_mismatches_are_errors_not_passes(tmp_path, capsys):
-    ref = make_run(tmp_path / "ref", {"sequential": GOOD, "joint": GOOD})
+    ref = make_run(tmp_path / "ref", {"sequential": GOOD, "replay": GOOD})
     base = tmp_path / "b.yaml"
     assert compare(capsys, str(ref), "--write-baseline", str(base))[0] == 0
     fewer = make_run(tmp_path / "fewer", {"sequential": GOOD})
     rc, out = compare(capsys, str(fewer), "--baseline", str(base))
-    assert rc == 2 and "arm 'joint' is in the baseline but not in the runs" in out
-    more = make_run(tmp_path / "more", {"sequential": GOOD, "joint": GOOD, "ewc": GOOD})
+    assert rc == 2 and "arm 'replay' is in the baseline but not in the runs" in out
+    more = make_run(tmp_path / "more", {"sequential": GOOD, "replay": GOOD, "ewc": GOOD})
     rc, out = compare(capsys, str(more), "--baseline", str(base))
     assert rc == 2 and "arm 'ewc' is in the runs but not in the baseline" in out
-    other = make_run(tmp_path / "other", {"sequential": GOOD, "joint": GOOD}, name="quickstart")
+    other = make_run(tmp_path / "other", {"sequential": GOOD, "replay": GOOD}, name="quickstart")
     rc, out = compare(capsys, str(other), "--baseline", str(base))
     assert rc == 2 and "scenario 'synth', but the runs are of 'quickstart'" in out
-    undefined = make_run(tmp_path / "undef", {"sequential": {**GOOD, "bwt": None}, "joint": GOOD})
+    undefined = make_run(tmp_path / "undef", {"sequential": {**GOOD, "bwt": None}, "replay": GOOD})
     rc, out = compare(capsys, str(undefined), "--baseline", str(base))
     assert rc == 2 and "metric 'bwt' is undefined (null) in the runs only" in out
-    two = make_run(tmp_path / "lr", {"sequential": GOOD, "joint": GOOD}, lr=0.5)
+    two = make_run(tmp_path / "lr", {"sequential": GOOD, "replay": GOOD}, lr=0.5)
     rc, out = compare(capsys, str(ref), str(two), "--baseline", str(base))
     assert rc == 2 and "the runs span 2" in out
     # settings changed but same scenario and arms: checked, with a warning
@@ -328,15 +331,15 @@ def test_hd95_from_the_registry_in_the_table_lower_is_better(tmp_path, capsys):
     assert SPECS["hd95"].direction == REGISTRY["hd95"].direction == "lower"
     assert SPECS["hd95_missed"].direction == "lower"
     assert [m.key for m in METRICS].index("hd95") == 6  # after the headline Dice metrics
-    a = make_run(tmp_path / "a", {"sequential": with_hd95(GOOD, 4.0, 0.1), "joint": with_hd95(GOOD, 3.0, 0.05)})
-    b = make_run(tmp_path / "b", {"sequential": with_hd95(GOOD, 5.0, 0.2), "joint": with_hd95(GOOD, 3.0, 0.05)}, seed=1)
+    a = make_run(tmp_path / "a", {"sequential": with_hd95(GOOD, 4.0, 0.1), "replay": with_hd95(GOOD, 3.0, 0.05)})
+    b = make_run(tmp_path / "b", {"sequential": with_hd95(GOOD, 5.0, 0.2), "replay": with_hd95(GOOD, 3.0, 0.05)}, seed=1)
     run = load_run(a)
     assert run.arms["sequential"]["hd95"] == 4.0 and run.arms["sequential"]["hd95_missed"] == 0.1
     rc, out = compare(capsys, str(a), str(b))
     assert rc == 0
     assert "HD95 ↓" in out and "HD95 missed ↓" in out
     assert "4.50 ± 0.71 (2)" in out and "0.150 ± 0.071 (2)" in out
-    old = make_run(tmp_path / "old", {"sequential": GOOD, "joint": GOOD}, seed=2)  # from before the registry
+    old = make_run(tmp_path / "old", {"sequential": GOOD, "replay": GOOD}, seed=2)  # from before the registry
     assert "hd95" not in load_run(old).arms["sequential"]
     mixed = group_runs([load_run(a), load_run(b), load_run(old)])[0]
     assert "hd95" not in mixed.stats["sequential"] and mixed.stats["sequential"]["acc"].n == 3

@@ -56,15 +56,15 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", str(scenario), "--out", str(out), "--quiet",
                "--set", "arms=[{name: sequential, set: {continual.method: sequential}}, "
-                        "{name: joint, set: {continual.method: joint}}]"])
+                        "{name: replay, set: {continual.method: replay}}]"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "run directory" in printed and "joint" in printed
+    assert "run directory" in printed and "replay" in printed
     for name in ("scenario.yaml", "metrics.jsonl", "rounds.jsonl", "summary.json", "simlab.log",
-                 "R/sequential/h1.csv", "R/joint/pooled.csv", "dice_by_round/joint.csv"):
+                 "R/sequential/h1.csv", "R/replay/pooled.csv", "dice_by_round/replay.csv"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    for arm in ("sequential", "joint"):
+    for arm in ("sequential", "replay"):
         a = summary["arms"][arm]
         assert {"acc", "bwt", "fwt", "forgetting", "wall_time_s", "per_hospital"} <= set(a)
         assert 0.0 <= a["acc"] <= 1.0 and a["wall_time_s"] > 0
@@ -72,14 +72,14 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
         assert [s["domain"] for s in h1["stages"]] == ["A", "B"] and len(h1["R"]) == 2
         assert h1["bwt"] == pytest.approx(h1["R"][1][0] - h1["R"][0][0], abs=1e-5)
         assert a["per_hospital"]["h2"]["bwt"] is None  # one stage: no backward transfer
-    assert summary["arms"]["joint"]["breaks_no_rehearsal"] is True
+    assert summary["arms"]["replay"]["breaks_no_rehearsal"] is True
     rows = read_rows(out)
     evals = {(r["arm"], r["round"]) for r in rows if r["metric"] == "dice"}
     # round 0, every 2 rounds, the last round of h1's first stage (2) and the end (4)
     assert {t for a, t in evals if a == "sequential"} == {0, 2, 4}
     # one shared model: each domain evaluated once per evaluated round (rows under "all"), B by its only
     # owner h1 and A by h2, so that both evaluators have one domain
-    for arm in ("sequential", "joint"):
+    for arm in ("sequential", "replay"):
         assert eval_rows_per_round(rows, arm) == {t: {"all": 2} for t in (0, 2, 4)}
     trains = [r for r in rows if r["metric"] == "train_loss" and r["arm"] == "sequential"]
     assert len(trains) == 8 and {r["domain"] for r in trains if r["hospital"] == "h1" and r["round"] >= 3} == {"B"}
@@ -159,9 +159,11 @@ def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
 
 @pytest.mark.flower
 def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
-    """LwF, the coordinate-wise median and the trimmed mean, each as an arm of one run."""
+    """LwF, the static upper bound, the coordinate-wise median and the trimmed mean, each as an arm of
+    one run."""
     out = tmp_path / "run"
     arms = ("arms=[{name: lwf, set: {continual.method: lwf, continual.lwf.temperature: 3.0}}, "
+            "{name: ub, set: {continual.method: upper_bound}}, "
             "{name: median, set: {federation.aggregation.rule: median}}, "
             "{name: trimmed, set: {federation.aggregation.rule: trimmed_mean, "
             "federation.aggregation.trimmed_mean.beta: 0.1}}]")
@@ -169,14 +171,15 @@ def test_plugins_run_end_to_end_through_flower(scenario, tmp_path):
                  "--set", arms]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms"]["lwf"]["method"] == "lwf"
+    assert summary["arms"]["ub"]["uses_future_data"] and summary["arms"]["ub"]["breaks_no_rehearsal"]
     assert [summary["arms"][a]["aggregation"] for a in ("median", "trimmed")] == ["median", "trimmed_mean"]
     rows = read_rows(out)
-    for arm in ("lwf", "median", "trimmed"):
+    for arm in ("lwf", "ub", "median", "trimmed"):
         assert summary["arms"][arm]["failed_updates"] == 0 and summary["arms"][arm]["skipped_rounds"] == 0
         assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "train_loss"} == {1, 2, 3}
         assert {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "dice"} == {0, 2, 3}
     weights = {r["arm"] for r in rows if r["metric"] == "agg_weight"}
-    assert weights == {"lwf"}  # median and trimmed mean are not weightings: no weights to log
+    assert weights == {"lwf", "ub"}  # median and trimmed mean are not weightings: no weights to log
 
 
 @pytest.mark.flower

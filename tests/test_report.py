@@ -54,8 +54,8 @@ def hd95_value(arm: str, hospital: str, domain: str, t: int) -> float:
 
 
 def make_run_dir(path, arms: list[str], odex: bool = False, failures: bool = False, hd95: bool = False):
-    raw = {**SCENARIO, "arms": [{"name": a, "set": {"continual.method": "joint" if a.startswith("joint") else "sequential"}}
-                                for a in arms]}
+    method = {a: next((m for m in ("replay", "upper_bound") if a.startswith(m)), "sequential") for a in arms}
+    raw = {**SCENARIO, "arms": [{"name": a, "set": {"continual.method": method[a]}} for a in arms]}
     loaded = load_scenario_dict(raw, "synthetic.yaml")
     path.mkdir()
     (path / "scenario.yaml").write_text(yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
@@ -126,31 +126,40 @@ def test_report_one_arm(tmp_path):
     departed = html.split("<h3>Forgetting per domain that left every stream")[1].split("<h3>")[0]
     assert "<td class=\"txt\">C</td>" in departed and "<td class=\"num\">4</td>" in departed
     assert f"{a['forgetting_by_domain']['C']['forgetting']:+.3f}" in departed
-    assert "upper bound, rehearses" not in html.split('id="scenario"')[0]
+    assert "<em>(replay" not in html.split('id="scenario"')[0] and "<em>(upper bound" not in html
 
 
 def test_report_two_arms_with_pool_and_failures(tmp_path):
-    run, summary = make_run_dir(tmp_path / "run", ["sequential", "joint"], odex=True, failures=True)
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "replay"], odex=True, failures=True)
     assert run_report(str(run)) == 0
     html = (run / "report" / "index.html").read_text()
     pngs = {p.name for p in (run / "report").glob("*.png")}
     assert {"pool_size.png", "routing_purity.png", "R_pooled.png", "dice_over_rounds.png"} <= pngs
     assert len(images(html)) == len(pngs) == 7
-    assert "Single model" not in html and "Forks per arm: {&#x27;sequential&#x27;: 1, &#x27;joint&#x27;: 1}" in html
+    assert "Single model" not in html and "Forks per arm: {&#x27;sequential&#x27;: 1, &#x27;replay&#x27;: 1}" in html
     summary_table = html.split('<h2 id="summary">')[1].split("<h3>")[0]
-    assert "joint <em>(upper bound, rehearses)</em>" in summary_table and '<tr class="upper">' in summary_table
+    assert "replay <em>(replay (breaks no-rehearsal))</em>" in summary_table
+    assert '<tr class="reference">' in summary_table
     assert summary_table.count("<td class=\"num\">2</td>") == 2  # final pool K of both arms
     failures = html.split('<h2 id="failures">')[1].split("<h2")[0]
     assert "train_failed" in failures and "update_rejected" in failures and "<td class=\"num\">3</td>" in failures
-    for arm in ("sequential", "joint"):
+    for arm in ("sequential", "replay"):
         assert f"{summary['arms'][arm]['acc']:.3f}" in summary_table
 
 
+def test_reference_arms_are_labelled_for_what_they_are(tmp_path):
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "upper_bound"])
+    assert summary["arms"]["upper_bound"]["uses_future_data"] and not summary["arms"]["sequential"]["uses_future_data"]
+    summary_table = write_report(run).read_text().split('<h2 id="summary">')[1].split("<h3>")[0]
+    assert "upper_bound <em>(upper bound (static, all data))</em>" in summary_table
+    assert summary_table.count('<tr class="reference">') == 1
+
+
 def test_registered_metrics_in_the_report_and_results(tmp_path):
-    plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "joint"])
-    run, summary = make_run_dir(tmp_path / "run", ["sequential", "joint"], hd95=True)
+    plain, _ = make_run_dir(tmp_path / "plain", ["sequential", "replay"])
+    run, summary = make_run_dir(tmp_path / "run", ["sequential", "replay"], hd95=True)
     # the headline files do not change when other metrics are logged
-    for rel in ("R/sequential/pooled.csv", "R/sequential/h1.csv", "R/joint/h2.csv", "dice_by_round/sequential.csv"):
+    for rel in ("R/sequential/pooled.csv", "R/sequential/h1.csv", "R/replay/h2.csv", "dice_by_round/sequential.csv"):
         assert (run / rel).read_bytes() == (plain / rel).read_bytes()
     for hid in ("pooled", "h1", "h2"):
         text = (run / "R" / "sequential" / f"{hid}.hd95.csv").read_text()
@@ -163,7 +172,7 @@ def test_registered_metrics_in_the_report_and_results(tmp_path):
     # headline, per hospital: A left h1's stream after round 3 and its HD95 grew by the end
     worse = hd95_value("sequential", "h1", "A", 6) - hd95_value("sequential", "h1", "A", 3)
     assert h1["forgetting"] == pytest.approx(worse) and worse > 0
-    assert summary["arms"]["joint"]["metrics"]["hd95"]["chaudhry_forgetting"] <= 0  # joint keeps improving on A
+    assert summary["arms"]["replay"]["metrics"]["hd95"]["chaudhry_forgetting"] <= 0  # replay keeps improving on A
     # arm level only C left every stream (h2's gradual transition C -> A ends in round 5): not forgotten
     assert list(seq["forgetting_by_domain"]) == ["C"] and seq["forgetting_by_domain"]["C"]["last_trained_round"] == 4
     assert seq["forgetting"] == 0.0 and seq["forgetting_by_domain"]["C"]["forgetting"] < 0

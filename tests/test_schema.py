@@ -134,11 +134,25 @@ def test_arm_override_errors_name_the_arm(tmp_path):
 
 def test_arms_resolve_on_identical_data(tmp_path):
     text = GOOD + ("arms:\n  - {name: seq, set: {continual.method: sequential}}\n"
-                   "  - {name: up, set: {continual.method: joint, federation.lr: 0.01}}\n")
+                   "  - {name: up, set: {continual.method: replay, federation.lr: 0.01}}\n")
     loaded = load_scenario(write(tmp_path, text))
-    assert loaded.arms["up"].continual.method == "joint" and loaded.arms["up"].federation.lr == 0.01
+    assert loaded.arms["up"].continual.method == "replay" and loaded.arms["up"].federation.lr == 0.01
     assert loaded.arms["seq"].federation.lr == 1e-3
     assert loaded.arms["seq"].data == loaded.arms["up"].data and loaded.arms["seq"].hospitals == loaded.arms["up"].hospitals
+
+
+def test_the_method_once_called_joint_is_refused_with_its_new_names(tmp_path, capsys):
+    text = GOOD + "arms:\n  - {name: old, set: {continual.method: joint}}\n"
+    err = error_of(write(tmp_path, text))
+    problems = dict(err.problems)
+    assert "renamed to 'replay'" in problems["arms[0] (old): continual.method"]
+    assert "'upper_bound'" in problems["arms[0] (old): continual.method"]
+    assert "renamed to 'replay'" in dict(error_of(write(tmp_path, GOOD), overrides=["continual.method=joint"]).problems)[
+        "continual.method"]
+    from simlab.cli import main
+
+    assert main(["validate", str(write(tmp_path, text))]) == 2
+    assert "continual.method" in capsys.readouterr().err
 
 
 def test_set_overrides_and_seed(tmp_path):

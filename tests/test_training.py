@@ -1,4 +1,5 @@
-"""Local training: determinism, the episodic (FedDG) step, corrupted hospitals, joint rehearsal."""
+"""Local training: determinism, the episodic (FedDG) step, corrupted hospitals, replay and the static
+upper bound."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 
 from simlab.augment.frequency import FrequencyAugmenter, FrequencyParams
-from simlab.continual.joint import Joint
+from simlab.continual.replay import Replay
 from simlab.continual.sequential import Sequential
+from simlab.continual.upper_bound import UpperBound
+from simlab.data.streams import Window
 from simlab.continual.training import TrainConfig, train_local
 from simlab.data.streams import corrupt_labels
 from simlab.models.unet import build_model, state_to_numpy
@@ -75,10 +78,37 @@ def test_corrupted_labels_swap_or_randomise_only_the_chosen_share():
     assert corrupt_labels(y, clean, np.random.default_rng(0), 3) is y
 
 
-def test_joint_rehearses_every_seen_window_sequential_does_not():
-    seq, joint = Sequential(), Joint()
+def test_replay_rehearses_every_seen_window_sequential_does_not():
+    seq, replay = Sequential(), Replay()
     assert seq.training_rounds(3, {}) == [3]
-    state = joint.after_round(None, None, None, joint.training_rounds(1, {}), {}, None, 0)
-    state = joint.after_round(None, None, None, joint.training_rounds(2, state), state, None, 0)
-    assert joint.training_rounds(3, state) == [1, 2, 3]
-    assert joint.breaks_no_rehearsal and not seq.breaks_no_rehearsal
+    state = replay.after_round(None, None, None, replay.training_rounds(1, {}), {}, None, 0)
+    state = replay.after_round(None, None, None, replay.training_rounds(2, state), state, None, 0)
+    assert replay.training_rounds(3, state) == [1, 2, 3]
+    assert replay.breaks_no_rehearsal and not seq.breaks_no_rehearsal
+
+
+def tagged_window(t: int, n: int = 10) -> Window:
+    """Round t's window: image i is filled with 100·t + i; images 0, 2, 4, ... carry a label."""
+    images = (100.0 * t + np.arange(n, dtype=np.float32)).reshape(n, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
+    return Window(images, np.zeros((n, 4, 4), np.uint8), np.arange(n) % 2 == 0, "A")
+
+
+def test_upper_bound_samples_the_whole_stream_iid_from_round_one():
+    ub, T = UpperBound(), 6
+    assert ub.breaks_no_rehearsal and ub.uses_future_data and not ub.keeps_state
+    drawn = {}
+    for t in range(1, T + 1):
+        images, _, rounds = ub.training_set(tagged_window, t, {}, seed=40 + t, last_round=T)
+        tags = images[:, 0, 0, 0].astype(int)
+        assert len(tags) == tagged_window(t).n_labeled == len(set(tags))  # the window's size, no repeats
+        assert all(tag % 2 == 0 and 1 <= tag // 100 <= T for tag in tags)  # labelled images of rounds 1..T
+        assert rounds == sorted({tag // 100 for tag in tags})
+        drawn[t] = tags
+    assert max(drawn[1]) // 100 > 1  # round 1 already trains on later windows
+    assert len({tag // 100 for tags in drawn.values() for tag in tags}) == T
+    again, _, _ = ub.training_set(tagged_window, 3, {}, seed=43, last_round=T)
+    assert (again[:, 0, 0, 0].astype(int) == drawn[3]).all()  # seeded per hospital and round
+    other, _, _ = ub.training_set(tagged_window, 3, {}, seed=44, last_round=T)
+    assert (other[:, 0, 0, 0].astype(int) != drawn[3]).any()
+    with pytest.raises(ValueError, match="last round"):
+        ub.training_set(tagged_window, 3, {}, seed=1, last_round=None)

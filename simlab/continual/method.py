@@ -9,6 +9,8 @@ A method is one class. It declares
 - ``keeps_state``: whether it carries hospital-private state from round to round (saved at the
   hospital, never sent; :meth:`after_round` returns it);
 - ``breaks_no_rehearsal``: whether it revisits old images (a reference, never a deployable method);
+- ``uses_future_data``: whether it also trains on windows of rounds still to come (the static upper
+  bound; implies ``breaks_no_rehearsal``);
 - ``server``: which federation runs it — ``"global"`` (one shared model) or ``"pool"`` (a model pool
   with shift detection, ODEx);
 - ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it.
@@ -16,7 +18,8 @@ A method is one class. It declares
 and overrides the hooks it needs. :meth:`local_update` calls them in this order, in the spirit of
 Avalanche's strategy plugins::
 
-    rounds = training_rounds(t, state)            # which windows to train on (only t, unless rehearsal)
+    images, labels, rounds = training_set(...)    # by default the labelled images of the windows
+                                                  # training_rounds(t, state) names (only t, unless rehearsal)
     before_training(model, state, cfg)            # e.g. keep the received model as a teacher
     for each optimiser step:                      # simlab.continual.training.train_local
         loss = segmentation loss(logits, y) [+ loss_term(model, x, y, logits)]
@@ -50,6 +53,7 @@ class Method:
     Params: ClassVar[type | None] = None
     keeps_state: ClassVar[bool] = False
     breaks_no_rehearsal: ClassVar[bool] = False
+    uses_future_data: ClassVar[bool] = False
     server: ClassVar[str] = "global"
     with_frequency_augmentation: ClassVar[bool] = True
 
@@ -73,6 +77,19 @@ class Method:
     def after_step(self, model: torch.nn.Module) -> None:
         """Called after every optimiser step."""
 
+    def training_set(self, windows, t: int, state: dict[str, np.ndarray], seed: int,
+                     last_round: int | None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The labelled images and labels round t trains on, and the rounds whose windows they come
+        from: by default every labelled image of the windows :meth:`training_rounds` names.
+        ``last_round`` is the stream's last round (``federation.rounds``), for a method that uses
+        future data; ``seed`` is this hospital's and round's training seed."""
+        rounds, xs, ys = self.training_rounds(t, state), [], []
+        for r in rounds:
+            w = windows(r)
+            xs.append(w.images[w.labeled])
+            ys.append(w.labels[w.labeled])
+        return np.concatenate(xs), np.concatenate(ys), rounds
+
     def after_round(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, rounds: list[int],
                     state: dict[str, np.ndarray], cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
         """The state to carry to the next round (empty unless ``keeps_state``); ``images``/``labels``
@@ -81,15 +98,11 @@ class Method:
 
     # ------------------------------------------------------------------ the round
     def local_update(self, model: torch.nn.Module, windows, t: int, state: dict[str, np.ndarray],
-                     cfg: TrainConfig, seed: int, augment=None) -> LocalResult:
-        """Train ``model`` in place on the labelled images of ``windows(r)`` for the rounds
-        :meth:`training_rounds` names; ``windows`` maps a round to that round's window."""
-        rounds, xs, ys = self.training_rounds(t, state), [], []
-        for r in rounds:
-            w = windows(r)
-            xs.append(w.images[w.labeled])
-            ys.append(w.labels[w.labeled])
-        images, labels = np.concatenate(xs), np.concatenate(ys)
+                     cfg: TrainConfig, seed: int, augment=None, last_round: int | None = None) -> LocalResult:
+        """Train ``model`` in place on :meth:`training_set` (by default the labelled images of
+        ``windows(r)`` for the rounds :meth:`training_rounds` names); ``windows`` maps a round to that
+        round's window, ``last_round`` is the stream's last round."""
+        images, labels, rounds = self.training_set(windows, t, state, seed, last_round)
         self.before_training(model, state, cfg)
         metrics = train_local(model, images, labels, cfg, seed, augment=augment, hooks=self)
         return LocalResult(metrics, self.after_round(model, images, labels, rounds, state, cfg, seed))

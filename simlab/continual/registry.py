@@ -12,25 +12,35 @@ from typing import Literal
 
 from simlab.config import assemble
 from simlab.continual.ewc import EWC
-from simlab.continual.joint import Joint
 from simlab.continual.lwf import LwF
 from simlab.continual.method import Method
 from simlab.continual.odex import Odex
+from simlab.continual.replay import Replay
 from simlab.continual.sequential import Sequential
+from simlab.continual.upper_bound import UpperBound
 
 METHODS: dict[str, type[Method]] = {
     "sequential": Sequential,
-    "joint": Joint,
+    "replay": Replay,
+    "upper_bound": UpperBound,
     "ewc": EWC,
     "odex": Odex,
     "lwf": LwF,
+}
+
+# Method names a scenario may still use, with what to write instead (a validation error, not an alias).
+RENAMED = {
+    "joint": "was renamed to 'replay' (every window seen so far, same steps per round: a compute-matched "
+             "replay reference that breaks the no-rehearsal rule, not an upper bound); the static upper bound "
+             "(i.i.d. training on all of the stream's data) is 'upper_bound'",
 }
 
 ContinualSpec = assemble(
     "ContinualSpec",
     "Which continual method every hospital runs, and each method's hyperparameters.",
     [("method", Literal[tuple(METHODS)], field(
-        default="sequential", metadata={"help": "; ".join(f"{k}: {c.help}" for k, c in METHODS.items())}))],
+        default="sequential", metadata={"help": "; ".join(f"{k}: {c.help}" for k, c in METHODS.items()),
+                                        "renamed": RENAMED}))],
     METHODS,
 )
 

@@ -86,7 +86,7 @@ def _add_admin(sub) -> None:
     n.add_argument("--hospital", required=True, help="hospital id in the scenario")
     n.add_argument("--data-dir", default=None, help="this hospital's data directory")
     n.add_argument("--state-dir", default=None, help="where this hospital saves method state between rounds "
-                                                     "(needed by EWC and joint arms)")
+                                                     "(needed by EWC and replay arms)")
     n.add_argument("--port", type=int, default=9094, help="local runtime API port (distinct per SuperNode)")
 
     d = sub.add_parser("down", help="stop every process of a deployment")

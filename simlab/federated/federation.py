@@ -97,7 +97,7 @@ class Federation:
         self.bank: dict[str, np.ndarray] = {}
         self.resume = resume
         self.ckpt = checkpoint_path(runlog.run_dir, runlog.arm) if scenario.output.checkpoint else None
-        # hospital-side state (EWC, joint) is saved at the hospital when it must survive a restart;
+        # hospital-side state (EWC, replay) is saved at the hospital when it must survive a restart;
         # in simulation the server names the directory (every hospital shares this machine)
         self.saves_state = self.ckpt is not None and (method_class(scenario.continual).keeps_state
                                                       or scenario.federation.norm == "local")

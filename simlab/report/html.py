@@ -26,7 +26,7 @@ from typing import Any
 from simlab.compare import final_pool_sizes
 from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
-from simlab.rundir import RunDirError, read_finished_run
+from simlab.rundir import RunDirError, read_finished_run, reference_label
 from simlab.runlog import SHARED
 
 __all__ = ["ReportError", "write_report"]
@@ -136,7 +136,7 @@ h3{font-size:16px;margin:20px 0 6px}
 table{border-collapse:collapse;margin:8px 0 14px;font-size:14px;background:#fff}
 th,td{border:1px solid #d0d0d0;padding:4px 9px} th{background:#eef1f5}
 .num{text-align:right;font-variant-numeric:tabular-nums} .txt{text-align:left}
-tr.upper td{background:#fff7e6}
+tr.reference td{background:#fff7e6}
 .na{color:#999} .note{color:#444;font-size:14px;max-width:1000px}
 figure{margin:10px 0 22px;background:#fff;border:1px solid #e0e0e0;padding:8px}
 figure img{max-width:100%;height:auto;display:block}
@@ -192,6 +192,12 @@ def _extra_columns(run: RunData) -> list[tuple[str, str, str, int]]:
     return cols
 
 
+REFERENCE_NOTE = ("An arm marked <em>replay</em> trains on old windows again (the same steps per round): it breaks "
+                  "the no-rehearsal rule on purpose. An arm marked <em>upper bound</em> trains i.i.d. on all of the "
+                  "stream's data from the first round, future rounds included, so it never sees a drift and its "
+                  "BWT/FWT mean nothing. Both are references, not competitors.")
+
+
 def _summary_section(page: _Page, run: RunData) -> None:
     page.section("summary", "Summary")
     pools = final_pool_sizes([r for r in run.rows if r.get("metric") == "pool_size"])
@@ -203,8 +209,9 @@ def _summary_section(page: _Page, run: RunData) -> None:
     for name in run.arms:
         a = run.arm(name)
         blocks = a.get("metrics") or {}
-        classes.append("upper" if a.get("breaks_no_rehearsal") else "")
-        label = _e(name) + (" <em>(upper bound, rehearses)</em>" if a.get("breaks_no_rehearsal") else "")
+        ref = reference_label(a)
+        classes.append("reference" if ref else "")
+        label = _e(name) + (f" <em>({_e(ref)})</em>" if ref else "")
         rows.append([label, _e(a.get("method", "")), _e(a.get("aggregation", "")), _num(a.get("acc")),
                      _num(a.get("bwt"), True), _num(a.get("fwt"), True), _num(a.get("gem_fwt"), True),
                      _num(a.get("forgetting"), True), _num(a.get("chaudhry_forgetting"), True),
@@ -221,9 +228,8 @@ def _summary_section(page: _Page, run: RunData) -> None:
              + "".join(f"{_e(REGISTRY[n].label)}: mean of the final row of its pooled matrix"
                        + (f", with the share of missed or false structures ({_e(REGISTRY[n].label)} missed), "
                           "which its mean leaves out" if REGISTRY[n].counts_missed else "") + ". "
-                       for n in _extra_metrics(run)) +
-             "An arm marked <em>upper bound</em> trains on old windows again: it breaks the no-rehearsal rule on "
-             "purpose and is a reference, not a competitor.</p>")
+                       for n in _extra_metrics(run))
+             + REFERENCE_NOTE + "</p>")
 
     _forgetting_table(page, run)
     _per_hospital_table(page, run)

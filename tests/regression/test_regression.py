@@ -4,7 +4,7 @@ Markers: ``regression`` and ``flower`` (each scenario runs through Flower's simu
 Select with ``pytest -m regression``; skip with ``-m "not regression"``.
 
 ``scenarios/forgetting.yaml`` (CPU, 32 px, 8 rounds, 3 hospitals, U-Net channels [8, 16, 32]) runs
-once per session with four arms on identical streams: {sequential, joint} × {fedavg, ida}. st-anne
+once per session with four arms on identical streams: {sequential, replay} × {fedavg, ida}. st-anne
 replaces its native-contrast scanner by an inverted-contrast one in round 4 and nobody else ever
 trains on native contrast, so sequential fine-tuning has something to forget.
 
@@ -14,7 +14,7 @@ Two kinds of checks:
   forgetting, HD95 and its missed share, bytes and wall time, direction aware, with the tolerances
   recorded in the file. The file is written only by ``make_baselines.py`` (through ``simlab compare
   --write-baseline``); regenerate it when a change of results is intended and review its diff.
-* relational checks that hold whatever the baseline says: joint training (which revisits old
+* relational checks that hold whatever the baseline says: replay (which revisits old
   windows) keeps st-anne's old domain better than sequential fine-tuning (BWT, per hospital and
   pooled, the headline forgetting, and the final Dice on the old domain), its ACC is not below
   sequential's by more than a small margin, sequential does forget here (else the first check would
@@ -68,27 +68,27 @@ def test_no_update_lost(forgetting_run):
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_joint_keeps_the_old_domain_sequential_forgets(forgetting_run, rule):
+def test_replay_keeps_the_old_domain_sequential_forgets(forgetting_run, rule):
     _, summary = forgetting_run
-    seq, joint = summary["arms"][f"sequential-{rule}"], summary["arms"][f"joint-{rule}"]
-    assert joint["breaks_no_rehearsal"] and not seq["breaks_no_rehearsal"]
-    s, j = seq["per_hospital"][SWITCHER], joint["per_hospital"][SWITCHER]
+    seq, replay = summary["arms"][f"sequential-{rule}"], summary["arms"][f"replay-{rule}"]
+    assert replay["breaks_no_rehearsal"] and not seq["breaks_no_rehearsal"]
+    s, j = seq["per_hospital"][SWITCHER], replay["per_hospital"][SWITCHER]
     assert [st["domain"] for st in s["stages"]] == [OLD_DOMAIN, "inverted_b"]
     assert s["bwt"] < FORGETTING_FLOOR, "sequential no longer forgets here: the scenario lost its point"
     assert j["bwt"] >= s["bwt"]
-    assert joint["bwt"] >= seq["bwt"]  # pooled over hospitals
+    assert replay["bwt"] >= seq["bwt"]  # pooled over hospitals
     # the headline: native_a leaves every stream after round 3, and sequential loses Dice on it
     assert list(seq["forgetting_by_domain"]) == [OLD_DOMAIN]
     assert seq["forgetting_by_domain"][OLD_DOMAIN]["last_trained_round"] == 3
-    assert seq["forgetting"] > -FORGETTING_FLOOR and joint["forgetting"] <= seq["forgetting"]
-    assert joint["final_dice"][OLD_DOMAIN] > seq["final_dice"][OLD_DOMAIN]
+    assert seq["forgetting"] > -FORGETTING_FLOOR and replay["forgetting"] <= seq["forgetting"]
+    assert replay["final_dice"][OLD_DOMAIN] > seq["final_dice"][OLD_DOMAIN]
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_joint_acc_not_below_sequential(forgetting_run, rule):
+def test_replay_acc_not_below_sequential(forgetting_run, rule):
     _, summary = forgetting_run
-    seq, joint = summary["arms"][f"sequential-{rule}"], summary["arms"][f"joint-{rule}"]
-    assert joint["acc"] >= seq["acc"] - ACC_MARGIN
+    seq, replay = summary["arms"][f"sequential-{rule}"], summary["arms"][f"replay-{rule}"]
+    assert replay["acc"] >= seq["acc"] - ACC_MARGIN
 
 
 def test_aggregation_rules_in_effect(forgetting_run):
@@ -100,7 +100,7 @@ def test_aggregation_rules_in_effect(forgetting_run):
             weights[r["arm"]][r["round"]][r["hospital"]] = r["value"]
     labelled = {"st-anne": 12, "bay": 12, "hill": 3}  # size × label fraction
     fedavg = {h: n / sum(labelled.values()) for h, n in labelled.items()}
-    for method in ("sequential", "joint"):
+    for method in ("sequential", "replay"):
         assert summary["arms"][f"{method}-ida"]["aggregation"] == "ida"
         for t in range(1, 9):
             assert weights[f"{method}-fedavg"][t] == pytest.approx(fedavg)
