@@ -97,6 +97,10 @@ def print_summary(console, summary: dict, run_dir: Path) -> None:
         console.print(table)
     for line in NOTES:
         console.print(line, highlight=False)
+    from simlab.config import read_yaml
+    from simlab.report.story import what_happened
+
+    console.print(what_happened(summary, read_yaml(run_dir / "scenario.yaml")), highlight=False, markup=False)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
 
 

@@ -228,3 +228,28 @@ def test_every_axis_labelled():
     assert [t.get_text() for t in heat.get_yticklabels()] == ["untrained (r0)", "1: A@r3", "2: B@r6"]
     assert sum(1 for ax in figs[0].axes if not _is_colorbar(ax)) == 4
     assert [ax.get_ylabel() for ax in figs[0].axes if _is_colorbar(ax)] == ["Dice"]
+
+
+def test_what_happened_names_the_change_and_what_each_arm_kept_or_lost():
+    from simlab.report.story import what_happened
+
+    scenario = {"hospitals": [{"id": "a", "drift": {"type": "abrupt", "domains": ["old", "new"], "at": [6]}},
+                              {"id": "b", "drift": {"type": "none", "domain": "b1"}}]}
+    left = lambda then, final: {"old": {"last_trained_round": 5, "then": then, "final": final,  # noqa: E731
+                                        "forgetting": then - final}}
+    summary = {"arms": {
+        "sequential": {"forgetting_by_domain": left(0.8, 0.5), "final_dice": {"old": 0.5, "new": 0.9, "b1": 0.7}},
+        "odex": {"forgetting_by_domain": left(0.8, 0.79), "final_dice": {"old": 0.79, "new": 0.9, "b1": 0.9},
+                 "pool": {"pool_size_final": 2}},
+        "upper_bound": {"uses_future_data": True, "breaks_no_rehearsal": True,
+                        "forgetting_by_domain": left(0.8, 0.85), "final_dice": {"old": 0.85}}}}
+    text = what_happened(summary, scenario)
+    assert text.startswith("a moved from old to new in round 6; b kept its domain.")
+    assert "old left every stream after round 5" in text
+    assert "sequential lost 0.30 Dice on old (0.80 → 0.50), ended at Dice 0.80 on the other test domains" in text
+    assert "odex kept old (0.80 → 0.79)" in text and "grew a pool of 2 models" in text
+    assert "upper_bound [upper bound (static, all data)] gained 0.05 on old" in text
+    summary = {"arms": {"s": {"forgetting_by_domain": {}, "forgetting_note": "no domain left every stream",
+                              "final_dice": {"b1": 0.7}}}}
+    assert "No hospital's data changed" not in what_happened(summary, scenario)
+    assert "no domain left every stream." in what_happened(summary, scenario)

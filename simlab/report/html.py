@@ -26,6 +26,7 @@ from typing import Any
 from simlab.compare import final_pool_sizes
 from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
+from simlab.report.story import what_happened
 from simlab.rundir import RunDirError, read_finished_run, reference_label
 from simlab.runlog import SHARED
 
@@ -481,7 +482,8 @@ def write_report(run_dir: Path) -> Path:
     head = (f"<h1>simlab report: {_e(name)}</h1>"
             f'<p class="meta">run directory <b>{_e(run_dir.name)}</b> · seed {_e(run.summary.get("seed"))} · '
             f"{_e(run.rounds)} rounds · {_e(len(run.hospitals))} hospitals · arms: {_e(arms)} · report written "
-            f"{_e(datetime.now().strftime('%Y-%m-%d %H:%M'))}</p><nav>{nav}</nav>")
+            f"{_e(datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>"
+            f'<p class="story"><b>What happened.</b> {_e(what_happened(run.summary, run.scenario))}</p><nav>{nav}</nav>')
     doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
            f"<title>simlab report: {_e(name)}</title><style>{CSS}</style></head>"
