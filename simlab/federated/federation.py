@@ -2,7 +2,8 @@
 
 A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
 part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
-arrived in → evaluate (every k rounds, at every true domain boundary, at round 0 and at the end) →
+arrived in → evaluate (every k rounds, at round 0, at the end and wherever the metrics need a reading:
+:func:`evaluation_rounds`) →
 write a checkpoint (:mod:`simlab.checkpoint`). The true domain of each window comes from the
 scenario's drift schedule and is used for evaluation and logging only; it is never sent to a hospital.
 
@@ -38,6 +39,7 @@ from simlab.federated.codec import state_nbytes
 from simlab.federated.eval_plan import assign_evaluators
 from simlab.models.norm import norm_state_keys
 from simlab.models.unet import build_model, state_to_numpy, trainable_keys
+from simlab.results import metric_rounds
 from simlab.rundir import settings_fingerprint
 from simlab.runlog import SHARED, RunLog
 from simlab.scenario.task import task_json, task_of
@@ -57,8 +59,6 @@ def evaluation_rounds(scenario: Scenario) -> list[int]:
     the metrics read (:func:`simlab.results.metric_rounds`): the last round of every stage of every
     hospital and of the pooled stages (for gradual and population drift the last round before the
     transition) and the last round each domain contributes to a hospital's window before leaving it."""
-    from simlab.results import metric_rounds
-
     T = scenario.federation.rounds
     rounds = {0, T} | {t for t in range(1, T + 1) if t % scenario.evaluation.every == 0}
     if scenario.evaluation.at_boundaries:
