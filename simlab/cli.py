@@ -100,7 +100,8 @@ def print_summary(console, summary: dict, run_dir: Path) -> None:
     from simlab.config import read_yaml
     from simlab.report.story import what_happened
 
-    console.print(what_happened(summary, read_yaml(run_dir / "scenario.yaml")), highlight=False, markup=False)
+    if (run_dir / "scenario.yaml").is_file():  # every run directory has it; a bare summary has no story
+        console.print(what_happened(summary, read_yaml(run_dir / "scenario.yaml")), highlight=False, markup=False)
     console.print(f"run directory: [bold]{run_dir}[/bold]")
 
 
