@@ -89,6 +89,19 @@ def test_mean_and_pooled_reductions():
     np.testing.assert_allclose(pooled.reshape(6, 16, 16).mean(2), full[:, :16], rtol=1e-9, atol=1e-12)
 
 
+def test_gram_reduction_is_the_channel_gram_matrix_and_frobenius_in_euclidean_form():
+    model = _unet()
+    x = _images(4)
+    g = extract_features(model, x, FeatureSpec(reduction="gram"))
+    assert g.shape == (4, 16 * 17 // 2)
+    act = _manual_first_bn_input(model, x).double().flatten(2)  # [B, C, N]
+    full = (act @ act.transpose(1, 2) / act.shape[2]).numpy()  # G = F Fᵀ / N
+    rows, cols = np.triu_indices(16)
+    np.testing.assert_allclose(g[:, rows == cols], full[:, rows[rows == cols], cols[rows == cols]], rtol=1e-6)
+    # ‖g_a − g_b‖² is the squared Frobenius distance of the symmetric matrices
+    np.testing.assert_allclose(((g[0] - g[1]) ** 2).sum(), ((full[0] - full[1]) ** 2).sum(), rtol=1e-6)
+
+
 def test_module_path_layer_uses_that_layers_input():
     model = _unet()
     x = _images(5)

@@ -59,6 +59,15 @@ def test_sq_distance_matches_scipy_and_explicit_inverse():
         g.distance(z, "cubed")
 
 
+def test_identity_estimator_is_the_squared_euclidean_distance_to_the_mean():
+    z = np.random.default_rng(3).normal(size=(20, 5)) * np.array([1.0, 10.0, 0.1, 1.0, 3.0])
+    stats = GaussianStats.from_features(z)
+    np.testing.assert_array_equal(stats.covariance("identity"), np.eye(5))
+    q = np.random.default_rng(4).normal(size=(3, 5))
+    d2 = Gaussian.from_stats(stats, "identity").distance(q)
+    np.testing.assert_allclose(d2, ((q - z.mean(axis=0)) ** 2).sum(axis=1), rtol=1e-12)
+
+
 def test_ridge_only_when_cholesky_fails():
     rng = np.random.default_rng(2)
     n, d = 8, 20  # N < d: the MLE covariance has rank N - 1

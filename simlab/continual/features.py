@@ -28,6 +28,16 @@ Choices
   - ``"pooled"``: adaptive average pooling to ``pool_size`` per spatial axis, flattened
     channel-major, ``d = C * pool_size ** n_spatial``; keeps a coarse spatial layout like
     the reference nnU-Net code, at the price of a much larger ``d``.
+  - ``"gram"``: the Gram matrix of the channels, ``G = F Fᵀ / N`` with ``F`` the ``C × N``
+    activation (N voxels), the "style" statistic of Perkonigg et al. 2021 (dynamic memory,
+    Nat. Commun.) that the ODEx paper's Table 2 compares with ("Gram": the Gram distance
+    instead of Mahalanobis for both training and testing). ``G`` is symmetric, so the
+    vector keeps its upper triangle, row by row, with the off-diagonal entries multiplied
+    by √2: then the squared Euclidean distance of two vectors is the squared Frobenius
+    distance ``‖G_a − G_b‖²_F`` of the matrices. ``d = C (C + 1) / 2`` (136 for C = 16).
+    Scored with ``shift.estimator: identity`` (Σ = I, D² = ‖z − μ‖²) this is the Gram
+    distance of an image to the mean Gram matrix of a history entry's window; with a
+    covariance estimator it is a Mahalanobis distance on Gram features.
 
   Reductions are computed in float64 on a detached copy of the activation.  The standard
   deviation is computed in two passes, sqrt(mean((a - mean)^2)), with vectorised sums: it
@@ -66,9 +76,10 @@ class FeatureSpec:
         default="first_norm",
         metadata={"help": "'first_norm' or a module path from model.named_modules(); its INPUT is used"},
     )
-    reduction: Literal["mean_std", "mean", "pooled"] = field(
+    reduction: Literal["mean_std", "mean", "pooled", "gram"] = field(
         default="mean_std",
-        metadata={"help": "per-channel spatial mean+std (d=2C), mean (d=C) or adaptive avg pool (d=C*p^k)"},
+        metadata={"help": "per-channel spatial mean+std (d=2C), mean (d=C), adaptive avg pool (d=C*p^k) or "
+                          "the channels' Gram matrix (d=C(C+1)/2; the Gram detector with shift.estimator: identity)"},
     )
     pool_size: int = field(
         default=4,
@@ -130,4 +141,16 @@ def reduce_activation(act: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
         if pool is None:
             raise ValueError(f"pooled reduction supports 1-3 spatial axes, got {n_spatial}")
         return pool(a, spec.pool_size).reshape(b, -1)
+    if spec.reduction == "gram":
+        return gram_vectors(flat)
     raise ValueError(f"unknown reduction {spec.reduction!r}")
+
+
+def gram_vectors(flat: torch.Tensor) -> torch.Tensor:
+    """``[B, C, N]`` activations → ``[B, C(C+1)/2]``: the upper triangle of G = F Fᵀ / N per image,
+    off-diagonal entries × √2 (so that squared Euclidean distances are squared Frobenius distances)."""
+    c, n = flat.shape[1], flat.shape[2]
+    g = torch.einsum("bcn,bdn->bcd", flat, flat) / n
+    rows, cols = torch.triu_indices(c, c)
+    weight = torch.where(rows == cols, 1.0, 2.0 ** 0.5).to(g.dtype)
+    return g[:, rows, cols] * weight

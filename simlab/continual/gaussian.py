@@ -68,7 +68,7 @@ import scipy.linalg
 
 __all__ = ["GaussianStats", "Gaussian", "ledoit_wolf_shrinkage"]
 
-Estimator = Literal["ledoit_wolf", "empirical"]
+Estimator = Literal["ledoit_wolf", "empirical", "identity"]
 Distance = Literal["squared", "root"]
 
 
@@ -241,7 +241,11 @@ class GaussianStats:
         return float(min(b2 / d2, 1.0))
 
     def covariance(self, estimator: Estimator = "ledoit_wolf") -> np.ndarray:
-        """Covariance estimate: ``"ledoit_wolf"`` (default) or ``"empirical"`` (MLE, /N)."""
+        """Covariance estimate: ``"ledoit_wolf"`` (default), ``"empirical"`` (MLE, /N) or ``"identity"``
+        (Σ = I whatever the data: D² is the squared Euclidean distance to the mean, the Gram
+        detector's distance with Gram features)."""
+        if estimator == "identity":
+            return np.eye(self.dim)
         s = self.empirical_covariance()
         if estimator == "empirical":
             return s

@@ -57,9 +57,10 @@ __all__ = ["ShiftParams", "Calibration", "HistoryEntry", "fold_ids", "id_scores"
 class ShiftParams:
     """How windows are scored against a member's history (ODEx shift detection)."""
 
-    estimator: Literal["ledoit_wolf", "empirical"] = field(
+    estimator: Literal["ledoit_wolf", "empirical", "identity"] = field(
         default="ledoit_wolf",
-        metadata={"help": "covariance estimator: Ledoit-Wolf shrinkage or MLE (ridge only if singular)"},
+        metadata={"help": "covariance estimator: Ledoit-Wolf shrinkage, MLE (ridge only if singular), or identity "
+                          "(Euclidean distance to the mean: with features.reduction gram, the Gram detector)"},
     )
     distance: Literal["squared", "root"] = field(
         default="squared",
