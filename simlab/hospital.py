@@ -90,16 +90,19 @@ class Hospital:
 
     # ------------------------------------------------------------------ training
     def train(self, state: State, t: int, private: State, bank: dict[str, np.ndarray] | None = None,
-              want_entry: bool = False) -> TrainOutcome:
+              want_entry: bool = False, want_dice: bool = False) -> TrainOutcome:
         """Train the received model on round t's window with the task's continual method; ``private``:
         the hospital's state from its last round (the method's, and with ``federation.norm: local`` its
         own normalisation layers under ``norm.``); ``bank``: the FedDG amplitude bank (hospital →
         blocks) when augmentation is on; ``want_entry``: also return the window's statistics under the
-        received model's first block (computed before training). With local normalisation the
-        returned model leaves the normalisation layers out: they stay in ``method_state``."""
+        received model's first block (computed before training); ``want_dice``: also return the received
+        model's Dice on the window (metric ``window_dice``, before training; :meth:`window_dice`). With
+        local normalisation the returned model leaves the normalisation layers out: they stay in
+        ``method_state``."""
         device = self.device()
         model = self.model(state, device, private)
         entry = self.window_entry(model, t, device) if want_entry else None
+        dice = {"window_dice": self.window_dice(state, t)} if want_dice else {}
         method_state = {k: v for k, v in private.items() if not k.startswith(NORM)}
         result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
                                           seed=self._seed("train", t), augment=self._augmenter(bank, t),
@@ -109,7 +112,7 @@ class Hospital:
             local = set(norm_state_keys(model))
             keep.update({NORM + k: trained[k] for k in trained if k in local})
             trained = {k: v for k, v in trained.items() if k not in local}
-        return TrainOutcome(trained, result.metrics, keep, entry)
+        return TrainOutcome(trained, {**result.metrics, **dice}, keep, entry)
 
     def _augmenter(self, bank: dict[str, np.ndarray] | None, t: int) -> FrequencyAugmenter | None:
         if not self.task.augmentation.frequency.enabled or bank is None:

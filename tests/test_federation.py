@@ -127,6 +127,34 @@ ODEX = TINY.replace("federation: {{rounds: 4, local_steps: 2, batch_size: 4, lr:
 
 
 @pytest.mark.flower
+def test_odex_ablations_keep_score_selection_and_change_when_to_fork(tmp_path):
+    """The paper's Table 2 through Flower: ODEx −∞ξ (oracle forks), DiceEx and the Gram detector choose
+    members by their scores (shift_ratio rows every round after the first); DiceEx's train replies
+    carry the chosen member's Dice before training."""
+    p = tmp_path / "odex.yaml"
+    p.write_text(ODEX.format(cache=tmp_path / "cache"))
+    out = tmp_path / "run"
+    arms = ("arms=[{name: oracle, set: {continual.method: odex, continual.odex.expansion: oracle}}, "
+            "{name: diceex, set: {continual.method: odex, continual.odex.expansion: dice}}, "
+            "{name: gram, set: {continual.method: odex, continual.odex.features.reduction: gram, "
+            "continual.odex.shift.estimator: identity}}]")
+    assert main(["run", str(p), "--out", str(out), "--quiet", "--no-report", "--set", arms]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_rows(out)
+    for arm in ("oracle", "diceex", "gram"):
+        assert summary["arms"][arm]["failed_updates"] == 0 and summary["arms"][arm]["skipped_rounds"] == 0
+        ratios = {r["round"] for r in rows if r["arm"] == arm and r["metric"] == "shift_ratio"}
+        assert ratios == {2, 3, 4, 5}  # round 1 has no history to score against
+    forks = {arm: [(f["round"], f["hospital"]) for f in summary["arms"][arm]["pool"]["forks"]]
+             for arm in ("oracle", "diceex", "gram")}
+    assert forks["oracle"] == [(3, "h1")]  # h1's true boundary, and nothing else
+    assert forks["gram"] == [(3, "h1")]  # an inverted contrast changes the Gram matrix too
+    dice = [r for r in rows if r["arm"] == "diceex" and r["metric"] == "window_dice"]
+    assert {r["round"] for r in dice} == {1, 2, 3, 4, 5} and all(0.0 <= r["value"] <= 1.0 for r in dice)
+    assert not any(r["arm"] != "diceex" and r["metric"] == "window_dice" for r in rows)
+
+
+@pytest.mark.flower
 def test_odex_pool_forks_at_the_scanner_change_and_routes(tmp_path):
     p = tmp_path / "odex.yaml"
     p.write_text(ODEX.format(cache=tmp_path / "cache"))

@@ -34,19 +34,30 @@ Choices (each a scenario option where a researcher would vary it):
   its own copy of the initial model (not counted as forks).
 - **Fork**: when the best member's score is over its threshold the hospital trains a copy of it (a
   fork). ``fork_history: fresh`` (default) starts the fork's history with the window that caused it;
-  ``inherit`` copies the parent's history first. Inheriting makes a fork score the next window of
-  the new domain against the parent's old entries too, which with ``sum``/``mean`` forks again on
-  the next round; ``fresh`` keeps the parent's history with the parent, where it still routes the
-  old domain.
+  ``inherit`` copies the parent's history first, as the paper does ("The history of the new model
+  B_i is initialized with B̂, so the history of each model contains information pertaining to all
+  data distributions used to train it"). The default deviates from the paper on purpose: with
+  normalised scores in [0, 1] and ξ = 2·mean ID û (about 0.1–0.3), every inherited entry of the old
+  domain adds close to 1 to the fork's summed score of the next window of the new domain but only
+  its ξ to the summed threshold, so with ``sum``/``mean`` the fork's ratio stays over 1 and the
+  next round forks again; ``fresh`` keeps the parent's history with the parent, where it still routes
+  the old domain. ``inherit`` stays available for the paper's exact rule.
 - **Merging forks**: forks of the same parent in the same round merge when each window's expected
   normalised score under the other's Gaussian is within the other's threshold (expected D² from the
   sufficient statistics: tr(Σ_a⁻¹S_b) + (μ_b−μ_a)ᵀΣ_a⁻¹(μ_b−μ_a)).
 - **Cap**: at ``max_members`` no fork is created; the hospital's update goes to the parent.
 - **Routing**: each test image goes to the member with the smallest per-image score / threshold.
-- **Ablations**: ``expansion: oracle`` forks exactly at every true domain boundary of a hospital
-  (the simulator's knowledge); ``expansion: dice`` is DiceEx: fork when the Dice of the hospital's
-  current member on the new window drops by more than ``dice_drop`` (relative) below its last value;
-  ``shift.history: last`` is the last-entry-only ablation.
+- **Ablations** (the paper's Table 2). They change *when* to fork and keep ODEx's selection of the
+  member (``selection: scores``, the paper: "two versions of ODEx that use our proposed strategy for
+  selecting the best model but detect domain shifts in a different fashion"); ``selection: current``
+  trains the member the hospital trained last instead.
+  ``expansion: oracle`` is ODEx −∞ξ: a fork at every stage, placed exactly at every true domain
+  boundary of a hospital (the simulator's knowledge; the paper forks at every stage of its schedule);
+  ``expansion: dice`` is DiceEx (Chen et al. 2020): fork when the Dice of the chosen member on the
+  new window, before training, drops by more than ``dice_drop`` (relative; the paper's 10 %) below
+  its last value at that hospital; ``shift.history: last`` is ODEx −B (the distance to the last stage
+  only); ``features.reduction: gram`` with ``shift.estimator: identity`` is the Gram detector (the
+  Gram distance instead of Mahalanobis for both training and testing, Perkonigg et al. 2021).
 """
 
 from __future__ import annotations
@@ -72,6 +83,9 @@ class OdexParams:
     expansion: Literal["detect", "oracle", "dice"] = field(
         default="detect", metadata={"help": "detect: Mahalanobis (ODEx); oracle: fork at every true boundary; "
                                             "dice: DiceEx (fork when training Dice drops)"})
+    selection: Literal["scores", "current"] = field(
+        default="scores", metadata={"help": "oracle/dice expansion: train the member the scores choose (the "
+                                            "paper's ablations) or the hospital's last member"})
     fork_history: Literal["fresh", "inherit"] = field(
         default="fresh", metadata={"help": "a fork's history starts fresh, or copies its parent's first"})
     max_members: int = field(default=6, metadata={"ge": 1, "help": "pool size cap"})

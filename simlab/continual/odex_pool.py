@@ -102,10 +102,10 @@ class Pool:
         return {h: Decision(self.current[h], h in self.last_domain and self.last_domain[h] != d)
                 for h, d in domains_now.items()}
 
-    def dice_decision(self, h: str, dice: float) -> Decision:
-        """DiceEx: fork when the current member's Dice on the new window dropped by more than
-        ``dice_drop`` (relative) below its last value at this hospital."""
-        m = self.current[h]
+    def dice_decision(self, h: str, dice: float, member: int | None = None) -> Decision:
+        """DiceEx: fork when the Dice of ``member`` (default: the hospital's current one) on the new
+        window dropped by more than ``dice_drop`` (relative) below its last value at this hospital."""
+        m = self.current[h] if member is None else member
         last = self.members[m].last_dice.get(h)
         self.members[m].last_dice[h] = dice
         return Decision(m, last is not None and dice < (1 - self.params.dice_drop) * last)

@@ -166,7 +166,8 @@ def train(msg: Message, context: Context) -> Message:
     if shift is not None and int(shift["member"]) != req.member:
         return _reply(msg, codec.TrainReply(None, shift=shift))  # another member: not trained
     store = _state_store(req.state, context, hospital.id)
-    out = hospital.train(req.model, req.round, _method_state(req.state, context, store), req.bank, req.want_entry)
+    out = hospital.train(req.model, req.round, _method_state(req.state, context, store), req.bank, req.want_entry,
+                        req.want_dice)
     if out.method_state:
         context.state[STATE_KEY] = to_array_record(out.method_state)
         if store is not None:

@@ -138,6 +138,7 @@ class Train:
     histories: dict[int, list[Entry]] | None = None  # ODEx detect mode: score the window first
     bank: dict[str, np.ndarray] | None = None  # FedDG: hospital → amplitude blocks
     want_entry: bool = False  # ODEx: return the window's statistics
+    want_dice: bool = False  # ODEx ablations with score selection: return the window's Dice before training
 
 
 @dataclass
@@ -219,6 +220,8 @@ def _encode_train(msg: Train, enc: Encoder) -> RecordDict:
         config["member"] = msg.member
     if msg.want_entry:
         config["entry"] = True
+    if msg.want_dice:
+        config["dice"] = True
     content = RecordDict({"arrays": enc.arrays(msg.model), **(enc.histories(msg.histories) if msg.histories else {})})
     if msg.bank is not None:
         content["bank"] = enc.arrays(msg.bank)
@@ -287,7 +290,8 @@ def decode_train(content: RecordDict) -> Train:
     bank = from_array_record(content["bank"]) if "bank" in content else None
     return Train(int(cfg["round"]), str(cfg["task"]), from_array_record(content["arrays"]), state,
                  member=int(cfg["member"]) if "member" in cfg else None,
-                 histories=unpack_histories(content) or None, bank=bank, want_entry="entry" in cfg)
+                 histories=unpack_histories(content) or None, bank=bank, want_entry="entry" in cfg,
+                 want_dice="dice" in cfg)
 
 
 def _state_config(cfg) -> dict:

@@ -153,10 +153,12 @@ class Federation:
         return cfg
 
     wants_entry = False  # whether train replies carry the window's statistics (the ODEx pool)
+    wants_dice = False  # whether train replies carry the window's Dice before training (DiceEx on scores)
 
     def train_request(self, h: str, t: int, model: dict[str, np.ndarray], **extra) -> codec.Train:
         """A train message: the round, the hospital's task, its state key, the model to train."""
-        return codec.Train(t, self.parts[h], model, self.state_config(h), want_entry=self.wants_entry, **extra)
+        return codec.Train(t, self.parts[h], model, self.state_config(h), want_entry=self.wants_entry,
+                           want_dice=self.wants_dice, **extra)
 
     # ------------------------------------------------------------------ evaluation
     def deployed_per_hospital(self) -> bool:

@@ -2,8 +2,11 @@
 
 A round: (1) every sampled hospital scores its new window against every member's history (only
 histories with their first-block weights travel, and the one member the hospital trained last) and
-the member with the lowest score / threshold is chosen — or, for the ablations, the server forks at
-true boundaries (oracle) or on a Dice drop (DiceEx, ``query.dice``); (2) each hospital trains its
+the member with the lowest score / threshold is chosen. The ablations change when to fork: at true
+boundaries (oracle) or on a Dice drop (DiceEx); with ``selection: scores`` (the paper's) the member is
+still chosen by the scores and the train reply carries the chosen member's Dice on the window before
+training, with ``selection: current`` the hospital's last member is trained and DiceEx asks for its
+Dice first (``query.dice``); (2) each hospital trains its
 chosen member, or a fork of it, and returns the model and the sufficient statistics of its window.
 Steps (1) and (2) share one ``train`` message unless the window belongs to another member than the
 one sent (:meth:`OdexFederation.train_scored`); in the first round, with no history yet, every
@@ -44,6 +47,8 @@ class OdexFederation(Federation):
         sample = torch.zeros(1, 1, self.sc.data.image_size, self.sc.data.image_size)
         self.fb_keys = first_block_keys(model, self.params.features, sample)
         self.pool = Pool(self.params, state, self.ids)
+        self.scored = self.params.expansion == "detect" or self.params.selection == "scores"
+        self.wants_dice = self.scored and self.params.expansion == "dice"
 
     def first_block(self, m: int) -> dict[str, np.ndarray]:
         return {k: self.pool.members[m].state[k] for k in self.fb_keys}
@@ -60,8 +65,25 @@ class OdexFederation(Federation):
         return state
 
     # ------------------------------------------------------------------ decisions
+    def fork_rule(self, t: int, chosen: dict[str, Decision], replies: dict) -> dict[str, Decision]:
+        """When to fork, for members chosen by the scores: detect (ODEx) keeps the scores' decision;
+        oracle forks at the hospital's true boundaries; DiceEx when the chosen member's Dice on the
+        window (returned with the update) dropped by more than ``dice_drop`` below its last value there."""
+        if self.params.expansion == "detect":
+            return chosen
+        if self.params.expansion == "oracle":
+            truth = self.pool.oracle_decisions({h: self.domains[h][t - 1] for h in chosen})
+            return {h: Decision(d.member, truth[h].fork, d.ratio) for h, d in chosen.items()}
+        out = {}
+        for h, d in chosen.items():
+            dice = codec.decode_metrics(replies[h].content)["window_dice"]
+            self.log.metric(t, h, self.domains[h][t - 1], "window_dice", dice)
+            out[h] = Decision(d.member, self.pool.dice_decision(h, dice, d.member).fork, d.ratio)
+        return out
+
     def decide(self, t: int, targets: list[str]) -> tuple[dict[str, Decision], int, int]:
-        """The ablations' decisions: oracle expansion (true boundaries) or DiceEx (``query.dice``)."""
+        """The ablations' decisions with ``selection: current``: oracle expansion (true boundaries) or
+        DiceEx (``query.dice``), for the member each hospital trained last."""
         if self.params.expansion == "oracle":
             return self.pool.oracle_decisions({h: self.domains[h][t - 1] for h in targets}), 0, 0
         requests = {h: codec.Query(t, self.parts[h], self.pool.members[self.pool.current[h]].state) for h in targets}
@@ -95,12 +117,13 @@ class OdexFederation(Federation):
     def train_round(self, t: int, state, keys: set[str]) -> tuple[dict, dict]:
         fed = self.sc.federation
         targets = self.sample(t)
-        if self.params.expansion == "detect":
+        if self.scored:
             hist = self.pool.histories()
             decisions, replies, failed, down, timing = (self.train_scored(t, targets, hist) if hist
                                                         else self.first_round(t, targets))
+            decisions = self.fork_rule(t, decisions, replies)
             up = 0
-        else:  # oracle / DiceEx expansion
+        else:  # oracle / DiceEx expansion for the hospital's last member
             start = time.perf_counter()
             decisions, q_down, up = self.decide(t, targets)
             timing = {"query_s": time.perf_counter() - start}
