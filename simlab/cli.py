@@ -20,6 +20,8 @@ examples:
   simlab run scenarios/quickstart.yaml --seed 3 --out runs/qs-seed3
   simlab run scenarios/quickstart.yaml --set federation.rounds=10 --set data.image_size=64
   simlab run --resume runs/qs-seed3          (continue a run that stopped, from its checkpoints)
+  simlab run scenarios/quickstart.yaml --seeds 0,1,2 --paired sequential --out runs/qs
+                                             (every arm for every seed; mean ± std and paired differences)
   simlab validate scenarios/quickstart.yaml
   simlab report runs/quickstart-20261123-101500
   simlab compare runs/a runs/b --baseline tests/regression/baselines/forgetting.yaml
@@ -45,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", default=None,
                      help="continue a run that stopped (crash, kill, lost machine) from its last checkpoints, with "
                           "the scenario it started with; takes no scenario, --set, --seed or --out")
+    run.add_argument("--seeds", default=None, metavar="LIST",
+                     help="run every arm for each seed, e.g. 0,1,2 or 0-4: OUT/seed-<s> are run directories, and "
+                          "one table of mean ± std over seeds ends the run (`simlab compare OUT` prints it again); "
+                          "the same command again keeps finished seeds and resumes a stopped one")
+    run.add_argument("--paired", metavar="ARM", default=None,
+                     help="with --seeds: also every arm's paired difference to ARM (same seed, identical streams)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write the HTML report at the end")
     val = sub.add_parser("validate", help="check a scenario file and print it resolved",
@@ -84,7 +92,7 @@ def print_summary(console, summary: dict, run_dir: Path) -> None:
 
     from simlab.compare import reference_caption, reference_mark, side_by_side
 
-    rows = [("ACC ↑", lambda a: _fmt(a["acc"])), ("BWT ↑", lambda a: _fmt(a["bwt"])),
+    rows = [("family", lambda a: a.get("family", "")), ("ACC ↑", lambda a: _fmt(a["acc"])), ("BWT ↑", lambda a: _fmt(a["bwt"])),
             ("FWT ↑", lambda a: _fmt(a["fwt"])), ("forgetting ↓", lambda a: _fmt(a["forgetting"])),
             ("worst hospital forg. ↓", _worst_hospital),
             ("pool K", lambda a: str(a["pool"]["pool_size_final"]) if "pool" in a else "1"),
@@ -159,17 +167,16 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(stderr=False)
     err = Console(stderr=True)
-    resume = getattr(args, "resume", None)
-    if args.command == "run" and (resume is None) == (args.scenario is None):
-        err.print("error: simlab run takes a scenario file, or --resume RUN_DIR (not both)")
-        return 2
-    if resume is not None and (args.overrides or args.seed is not None or args.out):
-        err.print("error: --resume continues a run with the scenario it started with; --set, --seed and --out "
-                  "cannot change it")
+    resume, seeds = getattr(args, "resume", None), getattr(args, "seeds", None)
+    problem = _argument_problem(args)
+    if problem:
+        err.print(f"error: {problem}")
         return 2
     try:
         if resume is not None:
             return _resume(resume, args, console, err)
+        if seeds is not None:
+            return _sweep(parse_seeds(seeds), args, console, err)
         loaded = load_scenario(args.scenario, args.overrides, args.seed, getattr(args, "out", None))
         if args.command == "validate":
             arms = ", ".join(f"{n} ({s.continual.method}, {s.federation.aggregation.rule})" for n, s in loaded.arms.items())
@@ -188,6 +195,60 @@ def main(argv: list[str] | None = None) -> int:
     except (NiftiDataError, RunDirError, CheckpointError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+
+
+def _argument_problem(args) -> str | None:
+    """What is wrong with a combination of ``simlab run`` options, or None."""
+    resume, seeds = getattr(args, "resume", None), getattr(args, "seeds", None)
+    if args.command == "run" and (resume is None) == (args.scenario is None):
+        return "simlab run takes a scenario file, or --resume RUN_DIR (not both)"
+    if seeds is not None and (resume is not None or args.seed is not None):
+        return ("--seeds runs a list of seeds; it takes no --seed or --resume (run the same --seeds command "
+                "again to resume)")
+    if getattr(args, "paired", None) and seeds is None:
+        return "--paired needs --seeds (for runs already made: simlab compare RUN_DIR ... --paired ARM)"
+    if resume is not None and (args.overrides or args.seed is not None or args.out):
+        return "--resume continues a run with the scenario it started with; --set, --seed and --out cannot change it"
+    return None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (inclusive) or a mix, e.g. ``0-2,7``; distinct, in the order given."""
+    from simlab.rundir import RunDirError
+
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise RunDirError(f"--seeds {text!r}: expected integers like 0,1,2 or 0-4") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RunDirError(f"--seeds {text!r}: expected distinct seeds, at least one")
+    return seeds
+
+
+def _sweep(seeds: list[int], args, console, err) -> int:
+    """``simlab run --seeds``: each seed's run (:func:`simlab.runner.run_sweep`), then one comparison."""
+    from simlab.report.commands import run_compare
+    from simlab.runner import data_items, run_scenario, run_sweep
+
+    def run_one(loaded, resume_dir):
+        console.print(f"seed {loaded.base.seed}: {loaded.base.output.dir}", highlight=False)
+        with Progress(console, enabled=not args.quiet) as progress:
+            progress.start_data(data_items(loaded))
+            run_dir, summary = run_scenario(loaded, progress, resume_dir=resume_dir)
+        if not args.no_report:
+            from simlab.report import write_report
+
+            write_report(run_dir)
+        return run_dir, summary
+
+    dirs = run_sweep(args.scenario, args.overrides, seeds, args.out, run_one)
+    rc = run_compare([str(d) for d in dirs], console=console, err=err, paired=args.paired)
+    console.print(f"sweep directory: [bold]{dirs[0].parent}[/bold] (simlab compare {dirs[0].parent} prints "
+                  "these tables again)")
+    return rc
 
 
 def _finish(console, summary: dict, run_dir: Path, args) -> int:

@@ -76,6 +76,8 @@ __all__ = [
     "Stat",
     "Tolerance",
     "comparison_tables",
+    "paired_differences",
+    "paired_tables",
     "group_runs",
     "load_run",
     "side_by_side",
@@ -238,7 +240,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
         if name in pools:
             values["pool_size"] = pools[name]
         arms[name] = values
-        meta[name] = {k: a.get(k) for k in ("method", "aggregation", "breaks_no_rehearsal", "uses_future_data")}
+        meta[name] = {k: a.get(k) for k in ("method", "family", "aggregation", "breaks_no_rehearsal",
+                                            "uses_future_data")}
     return RunInfo(path=path, scenario=str(summary.get("scenario") or scenario.get("name") or path.name),
                    seed=summary.get("seed", scenario.get("seed")),
                    fingerprint=settings_fingerprint(scenario) if scenario else None,
@@ -399,9 +402,63 @@ def reference_caption(arms) -> str | None:
     return " ".join(REFERENCE_CAPTIONS[lab] for lab in REFERENCE_CAPTIONS if lab in labels) or None
 
 
+def paired_differences(group: Group, baseline: str) -> dict[str, dict[str, Stat]]:
+    """Per arm other than ``baseline``, per metric both have: mean ± std over the group's runs of the
+    run's ``arm − baseline``. The arms of one run saw identical streams (same seed), so the pairing
+    removes the spread they share; a difference is undefined (null) where either value is."""
+    if baseline not in group.stats:
+        raise CompareError(f"--paired {baseline}: no such arm in {group.scenario} (arms: {', '.join(group.stats)})")
+    out: dict[str, dict[str, Stat]] = {}
+    for arm, stats in group.stats.items():
+        if arm == baseline:
+            continue
+        out[arm] = {}
+        for key in (k for k in stats if k in group.stats[baseline]):
+            diffs = [None if r.arms[arm][key] is None or r.arms[baseline][key] is None
+                     else r.arms[arm][key] - r.arms[baseline][key] for r in group.runs]
+            out[arm][key] = Stat.of(diffs, f"arm {arm} − {baseline}, metric {key}")
+    return out
+
+
+def fmt_diff(s: Stat | None, spec: MetricSpec) -> str:
+    """A paired difference: signed mean ± std (n)."""
+    if s is None:
+        return ""
+    if s.mean is None:
+        return "n/a"
+    text = f"{s.mean / spec.scale:+.{spec.digits}f}"
+    return text + (f" ± {s.std / spec.scale:.{spec.digits}f} ({s.n})" if s.n > 1 else "")
+
+
+def paired_tables(groups: list[Group], baseline: str) -> list:
+    """Per group, the paired differences to ``baseline`` (:func:`paired_differences`), metrics × arms."""
+    from rich.markup import escape
+
+    tables = []
+    for g in groups:
+        diffs = paired_differences(g, baseline)
+        present = [m for m in METRICS if any(m.key in d for d in diffs.values())]
+        columns = [(escape(arm), [fmt_diff(d.get(m.key), m) for m in present]) for arm, d in diffs.items()]
+        labels = [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
+        tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}]: arm − {baseline}, paired by seed, "
+                                      "mean ± std (n)"), "metric (pooled)", labels, columns)
+    return tables
+
+
+def family_of(meta: dict) -> str:
+    """The arm's method family (regularisation, distillation, expansion, rehearsal, baseline); read from
+    the method registry for runs written before the summary recorded it."""
+    if meta.get("family"):
+        return str(meta["family"])
+    from simlab.continual.registry import METHODS
+
+    cls = METHODS.get(str(meta.get("method")))
+    return cls.family if cls is not None else "?"
+
+
 def comparison_tables(groups: list[Group]) -> list:
     """Per group, rich tables of metrics (rows) × arms (columns), each at most :data:`TABLE_WIDTH` wide:
-    the metrics present in any of its arms, every cell ``mean ± std (n)``.
+    the arm's method family, then the metrics present in any of its arms, every cell ``mean ± std (n)``.
 
     Reference arms carry a mark († replay, ‡ the static upper bound: :func:`reference_label`) and
     the caption says what they are.
@@ -411,9 +468,10 @@ def comparison_tables(groups: list[Group]) -> list:
     tables = []
     for g in groups:
         present = [m for m in METRICS if any(m.key in st for st in g.stats.values())]
-        columns = [(escape(arm + reference_mark(g.meta.get(arm, {}))), [fmt_stat(stats.get(m.key), m) for m in present])
+        columns = [(escape(arm + reference_mark(g.meta.get(arm, {}))),
+                    [family_of(g.meta.get(arm, {}))] + [fmt_stat(stats.get(m.key), m) for m in present])
                    for arm, stats in g.stats.items()]
-        labels = [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
+        labels = ["family"] + [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
         seeds = ",".join(str(s) for s in g.seeds)
         tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}] seeds {seeds}: mean ± std (n runs)"),
                                "metric (pooled)", labels, columns,

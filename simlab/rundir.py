@@ -92,6 +92,27 @@ def reference_label(arm: dict) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ starting
+SWEEP_FILE = "sweep.json"
+"""In the root of ``simlab run --seeds``: the scenario, overrides and seeds; the seeds' run directories
+are ``seed-<s>`` next to it."""
+
+
+def expand_sweeps(paths: list[str]) -> list[str]:
+    """Run directories, with a sweep root (it holds ``sweep.json``) replaced by its seeds' directories."""
+    out = []
+    for p in paths:
+        sweep = Path(p) / SWEEP_FILE
+        if sweep.is_file() and not (Path(p) / "summary.json").exists():
+            try:
+                seeds = json.loads(sweep.read_text(encoding="utf-8"))["seeds"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RunDirError(f"{sweep}: unreadable ({type(exc).__name__}: {exc})") from None
+            out += [str(Path(p) / f"seed-{s}") for s in seeds]
+        else:
+            out.append(p)
+    return out
+
+
 def make_run_dir(loaded: LoadedScenario, base: Path | None = None) -> Path:
     """Create the run directory; an existing non-empty directory is refused, never overwritten."""
     sc = loaded.base

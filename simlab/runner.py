@@ -12,9 +12,10 @@ from pathlib import Path
 
 from simlab.checkpoint import HOSPITAL_STATE
 from simlab.data.streams import DataFactory
-from simlab.rundir import clear_failed, run_arms, start_run_dir
+from simlab.rundir import SWEEP_FILE, RunDirError, clear_failed, resume_inputs, run_arms, start_run_dir
 from simlab.runlog import RunLog
-from simlab.scenario.schema import LoadedScenario, Scenario
+from simlab.fileio import atomic_write
+from simlab.scenario.schema import LoadedScenario, Scenario, load_scenario
 
 log = logging.getLogger("simlab")
 
@@ -81,3 +82,42 @@ def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None 
         for name in ("simlab", "flwr"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+
+
+RunOne = Callable[[LoadedScenario, Path | None], tuple[Path, dict]]
+"""run_one(loaded, resume_dir) -> (run directory, summary): :func:`run_scenario` with a progress display."""
+
+
+def run_sweep(path: str, overrides: list[str], seeds: list[int], out: str | None, run_one: RunOne) -> list[Path]:
+    """``simlab run --seeds``: every arm for every seed, ``ROOT/seed-<s>`` an ordinary run directory
+    (within one seed every arm sees identical streams, so arms pair by seed). Seeds run one after the
+    other, never in parallel, so that wall times are not distorted by runs competing for the CPU.
+    Running the same command again keeps the seeds that finished and resumes one that stopped
+    (``--resume`` of its directory); ``ROOT/sweep.json`` records the scenario, overrides and seeds, and
+    a root holding another sweep is refused. Returns the seeds' run directories."""
+    import json
+    from datetime import datetime
+
+    first = load_scenario(path, overrides, seeds[0])  # every error before anything is written
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(out) if out else Path("runs") / f"{first.base.name}-seeds-{stamp}"
+    record = {"scenario": str(path), "overrides": list(overrides), "seeds": list(seeds)}
+    if (root / SWEEP_FILE).is_file():
+        if json.loads((root / SWEEP_FILE).read_text(encoding="utf-8")) != record:
+            raise RunDirError(f"{root}: holds a sweep of another scenario, overrides or seeds ({SWEEP_FILE}); "
+                              "choose another --out")
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise RunDirError(f"{root}: exists and is not empty; choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write(root / SWEEP_FILE, json.dumps(record, indent=1))
+    dirs = []
+    for s in seeds:
+        run_dir = root / f"seed-{s}"
+        if (run_dir / "summary.json").is_file():
+            log.info("seed %d: finished earlier (%s)", s, run_dir)
+        elif (run_dir / "run.json").is_file():
+            run_one(resume_inputs(run_dir)[1], run_dir)
+        else:
+            run_one(load_scenario(path, overrides, s, str(run_dir)), None)
+        dirs.append(run_dir.resolve())
+    return dirs

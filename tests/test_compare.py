@@ -114,6 +114,30 @@ def test_seeds_grouped_mean_std(tmp_path):
         Stat.of([0.5, None], "arm a, metric bwt")
 
 
+def test_paired_differences_pair_arms_within_a_run_and_a_sweep_root_expands(tmp_path, capsys):
+    """Seed-to-seed spread shared by both arms cancels: sequential's ACC varies by 0.09 over seeds, the
+    replay arm is always 0.05 better, so the paired difference is +0.05 ± 0."""
+    accs = [0.61, 0.66, 0.70]
+    root = tmp_path / "sweep"
+    for s, a in enumerate(accs):
+        make_run(root / f"seed-{s}", {"sequential": {**GOOD, "acc": a}, "replay": {**GOOD, "acc": a + 0.05}}, seed=s)
+    (root / "sweep.json").write_text(json.dumps({"scenario": "x.yaml", "overrides": [], "seeds": [0, 1, 2]}))
+    from simlab.compare import paired_differences
+
+    group = group_runs([load_run(root / f"seed-{s}") for s in range(3)])[0]
+    diff = paired_differences(group, "sequential")
+    assert set(diff) == {"replay"}
+    assert diff["replay"]["acc"].mean == pytest.approx(0.05) and diff["replay"]["acc"].std == pytest.approx(0.0, abs=1e-12)
+    assert diff["replay"]["bwt"] == Stat(0.0, 0.0, 3)
+    with pytest.raises(CompareError, match="no such arm"):
+        paired_differences(group, "ewc")
+    rc, out = compare(capsys, str(root), "--paired", "sequential")
+    assert rc == 0 and "seeds 0,1,2" in out and "replay − sequential" not in out
+    assert "arm − sequential, paired by seed" in out and "+0.050 ± 0.000 (3)" in out
+    # the synthetic runs record no family: it comes from the method registry
+    assert "family" in out and "rehearsal" in out and "baseline" in out
+
+
 def test_compare_table_and_settings_diff(tmp_path, capsys):
     arms = {"sequential": GOOD, "replay": GOOD, "upper_bound": GOOD}
     a = make_run(tmp_path / "a", arms, seed=0)

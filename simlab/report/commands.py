@@ -31,6 +31,7 @@ lacks, another scenario).
 
 examples:
   simlab compare runs/qs-seed0 runs/qs-seed1 runs/qs-seed2
+  simlab compare runs/quickstart-seeds --paired sequential     (a `simlab run --seeds` root)
   simlab compare runs/qs-seed* --write-baseline baselines/quickstart.yaml --tolerance wall_time_s=rel:2
   simlab compare runs/new --baseline baselines/quickstart.yaml --tolerance acc=abs:0.01
 """
@@ -47,7 +48,11 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Add the ``compare`` and ``report`` parsers to simlab's subparsers."""
     comp = sub.add_parser("compare", help="compare runs (mean ± std over seeds) and check them against a baseline",
                           description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    comp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (each with summary.json)")
+    comp.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                      help="run directories (each with summary.json), or the root of a `simlab run --seeds` sweep")
+    comp.add_argument("--paired", metavar="ARM", default=None,
+                      help="also print every arm's paired difference to ARM (same seed, identical streams): "
+                           "mean ± std over seeds")
     group = comp.add_mutually_exclusive_group()
     group.add_argument("--baseline", metavar="FILE", default=None,
                        help="check the runs against this baseline (YAML or JSON); exit 1 on a regression")
@@ -71,23 +76,28 @@ def _console(stderr: bool = False):
 
 
 def run_compare(runs: list[str], baseline: str | None = None, write_baseline: str | None = None,
-                tolerances: list[str] | None = None, console=None, err=None) -> int:
-    """``simlab compare``: print the table; write or check a baseline. Returns the exit status."""
+                tolerances: list[str] | None = None, console=None, err=None, paired: str | None = None) -> int:
+    """``simlab compare``: print the table (and with ``paired`` the paired differences to that arm);
+    write or check a baseline. Returns the exit status."""
 
     from simlab.baseline import check_against_baseline, check_table, parse_tolerance_args, read_baseline
     from simlab.baseline import write_baseline as write
-    from simlab.compare import CompareError, group_runs, load_run
+    from simlab.compare import CompareError, group_runs, load_run, paired_tables
+    from simlab.rundir import RunDirError, expand_sweeps
 
     console = console or _console()
     err = err or _console(stderr=True)
     try:
         tol = parse_tolerance_args(tolerances or [])
-        infos = [load_run(r) for r in runs]
+        infos = [load_run(r) for r in expand_sweeps(runs)]
         groups = group_runs(infos)
-    except CompareError as exc:
+        diffs = paired_tables(groups, paired) if paired else []
+    except (CompareError, RunDirError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
     _print_groups(console, groups)
+    for table in diffs:
+        console.print(table)
     if write_baseline or baseline:
         if len(groups) != 1:
             names = ", ".join(f"{g.scenario} [{g.fingerprint}]" for g in groups)
@@ -157,7 +167,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     """Run ``compare`` or ``report`` and return the exit status; ``None`` for any other command."""
     command = getattr(args, "command", None)
     if command == "compare":
-        return run_compare(args.runs, args.baseline, args.write_baseline, args.tolerance)
+        return run_compare(args.runs, args.baseline, args.write_baseline, args.tolerance, paired=args.paired)
     if command == "report":
         return run_report(args.run_dir)
     return None
