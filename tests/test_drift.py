@@ -27,6 +27,18 @@ def test_gradual_mix_ramps_linearly():
     assert true_domains(d, 7) == ["A", "A", "A", "A", "B", "B", "B"]
 
 
+def test_shifting_source_moves_through_every_domain_in_equal_segments():
+    d = DriftSpec(type="shifting", domains=["A", "B", "C"], start=3, end=11)
+    assert plan(d, 3).weights == {"A": 1.0} and plan(d, 7).weights == {"B": 1.0} and plan(d, 11).weights == {"C": 1.0}
+    assert plan(d, 4).weights == pytest.approx({"A": 0.75, "B": 0.25})
+    assert plan(d, 9).weights == pytest.approx({"B": 0.5, "C": 0.5})
+    assert true_domains(d, 12) == ["A"] * 5 + ["B"] * 4 + ["C"] * 3
+    assert contribution_span(d, 12) == {"A": (1, 6), "B": (4, 10), "C": (8, 12)}
+    two = DriftSpec(type="shifting", domains=["A", "B"], start=2, end=6)
+    gradual = DriftSpec(type="gradual", domains=["A", "B"], start=2, end=6, mode="mix")
+    assert all(plan(two, t).weights == pytest.approx(plan(gradual, t).weights) for t in range(1, 8))
+
+
 def test_gradual_interpolation_carries_the_fraction():
     d = DriftSpec(type="gradual", domains=["A", "B"], start=1, end=5, mode="interpolate")
     assert plan(d, 2).interpolate == ("A", "B", pytest.approx(0.25))
@@ -68,6 +80,8 @@ def test_none_is_constant_and_rounds_start_at_one():
     (dict(type="gradual", domains=["A", "B"], start=5, end=5), "end"),
     (dict(type="population", domains=["A", "B"], weights_start=[1.0], weights_end=[0.0, 1.0]), "weights_start"),
     (dict(type="abrupt", domains=["A", "B"], at=[1]), "at"),
+    (dict(type="shifting", domains=["A"], start=1, end=4), "domains"),
+    (dict(type="shifting", domains=["A", "B", "C"], start=4, end=4), "end"),
 ])
 def test_inconsistent_schedules_are_reported(spec, key):
     assert key in dict(DriftSpec(**spec).check())

@@ -94,27 +94,6 @@ def test_two_arms_through_flower(scenario, tmp_path, capsys):
 
 
 @pytest.mark.flower
-def test_seeds_sweep_runs_every_arm_per_seed_and_ends_with_one_table(scenario, tmp_path, capsys):
-    out = tmp_path / "sweep"
-    argv = ["run", str(scenario), "--seeds", "3,4", "--paired", "sequential", "--out", str(out), "--quiet",
-            "--no-report", "--set", "federation.rounds=3",
-            "--set", "arms=[{name: sequential, set: {continual.method: sequential}}, "
-                     "{name: lwf, set: {continual.method: lwf}}]"]
-    assert main(argv) == 0
-    text = capsys.readouterr().out
-    assert [json.loads((out / f"seed-{s}" / "summary.json").read_text())["seed"] for s in (3, 4)] == [3, 4]
-    assert "seeds 3,4: mean ± std (n runs)" in text and "(2)" in text
-    assert "arm − sequential, paired by seed" in text and "distillation" in text
-    # the same command again keeps the finished seeds (nothing re-run) and prints the table again
-    mtime = (out / "seed-3" / "summary.json").stat().st_mtime_ns
-    assert main(argv) == 0 and (out / "seed-3" / "summary.json").stat().st_mtime_ns == mtime
-    assert "arm − sequential" in capsys.readouterr().out
-    # another sweep into the same root is refused before anything runs
-    assert main([*argv[:3], "5", *argv[4:]]) == 2
-    assert "holds a sweep of another scenario" in capsys.readouterr().err
-
-
-@pytest.mark.flower
 def test_same_seed_identical_metrics(scenario, tmp_path):
     runs = []
     for i in range(2):

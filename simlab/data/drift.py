@@ -22,6 +22,7 @@ from simlab.data.drifts.base import DriftType, WindowPlan
 from simlab.data.drifts.gradual import Gradual
 from simlab.data.drifts.none import NoDrift
 from simlab.data.drifts.population import Population
+from simlab.data.drifts.shifting import Shifting
 from simlab.data.drifts.recurring import Recurring
 
 __all__ = ["DRIFTS", "DriftSpec", "WindowPlan", "contribution_span", "plan", "true_domains"]
@@ -32,6 +33,7 @@ DRIFTS: dict[str, type[DriftType]] = {
     "recurring": Recurring,
     "gradual": Gradual,
     "population": Population,
+    "shifting": Shifting,
 }
 
 
@@ -54,8 +56,8 @@ DriftSpec = assemble(
         ("type", Literal[tuple(DRIFTS)], field(default="none", metadata={"help": "the drift type"})),
         ("domain", str | None, field(default=None, metadata={"help": "none: the one domain"})),
         ("domains", list[str], field(default_factory=list, metadata={"help": "the domains, in order"})),
-        ("start", int, field(default=1, metadata={"ge": 1, "help": "gradual, population: first round of the change"})),
-        ("end", int, field(default=1, metadata={"ge": 1, "help": "gradual, population: round the change is complete"})),
+        ("start", int, field(default=1, metadata={"ge": 1, "help": "gradual, population, shifting: first round of the change"})),
+        ("end", int, field(default=1, metadata={"ge": 1, "help": "gradual, population, shifting: round the change is complete"})),
         *[f for c in DRIFTS.values() for f in c.fields],
     ],
     {},
