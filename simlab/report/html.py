@@ -203,7 +203,7 @@ def _summary_section(page: _Page, run: RunData) -> None:
     page.section("summary", "Summary")
     pools = final_pool_sizes([r for r in run.rows if r.get("metric") == "pool_size"])
     extra = _extra_columns(run)
-    head = ["arm", "method", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "GEM FWT ↑", "forgetting ↓",
+    head = ["arm", "method (family)", "aggregation", "ACC ↑", "BWT ↑", "FWT ↑", "GEM FWT ↑", "forgetting ↓",
             "Chaudhry forg. ↓", *[c[0] for c in extra],
             "final pool K", "MB sent", "wall s", "failed updates", "skipped rounds"]
     rows, classes = [], []
@@ -213,7 +213,8 @@ def _summary_section(page: _Page, run: RunData) -> None:
         ref = reference_label(a)
         classes.append("reference" if ref else "")
         label = _e(name) + (f" <em>({_e(ref)})</em>" if ref else "")
-        rows.append([label, _e(a.get("method", "")), _e(a.get("aggregation", "")), _num(a.get("acc")),
+        method = f'{a.get("method", "")} ({a["family"]})' if a.get("family") else a.get("method", "")
+        rows.append([label, _e(method), _e(a.get("aggregation", "")), _num(a.get("acc")),
                      _num(a.get("bwt"), True), _num(a.get("fwt"), True), _num(a.get("gem_fwt"), True),
                      _num(a.get("forgetting"), True), _num(a.get("chaudhry_forgetting"), True),
                      *[_num(blocks.get(n, {}).get(f), digits=d) for _, n, f, d in extra],
