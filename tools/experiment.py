@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Run one scenario over several seeds and print mean ± std tables from the run directories.
+"""Per-domain tables over seeds: final Dice per test domain, domain groups, aggregation weights and
+differences to a reference sweep, mean ± std.
+
+The seeds run through ``simlab run SCENARIO --seeds ... --out ROOT`` (``ROOT/seed-<s>``, resumable);
+for the headline metrics (ACC, BWT, FWT, forgetting, pool size, bytes, wall time) with mean ± std
+and paired differences to an arm, that command, or ``simlab compare ROOT --paired ARM``, is enough.
+This script adds what they do not show:
 
     experiment.py SCENARIO --root DIR [--seeds 0,1,2] [--set KEY=VALUE ...] [--no-run]
                   [--group NAME=dom1,dom2 ...] [--baseline ARM] [--reference DIR] [--weights]
                   [--json FILE]
 
-For each seed ``s`` the scenario runs (``simlab run SCENARIO --seed s --out DIR/seed-s --quiet``)
-unless ``DIR/seed-s/summary.json`` already exists; seeds run one after another, never in parallel,
-so that timings are not distorted by the runs competing for the CPU. A run that fails stops the
-loop (its directory holds a ``FAILED`` file; remove it to retry).
 
 Columns, per arm, each ``mean ± std`` over the seeds (sample standard deviation, ddof = 1; a single
 seed prints the mean alone):
@@ -43,19 +45,14 @@ from pathlib import Path
 
 
 def run_seeds(scenario: str, root: Path, seeds: list[int], overrides: list[str]) -> None:
-    for s in seeds:
-        out = root / f"seed-{s}"
-        if (out / "summary.json").exists():
-            continue
-        if (out / "FAILED").exists():
-            raise SystemExit(f"{out} holds a failed run; remove it to retry")
-        cmd = [sys.executable, "-c", "import sys; from simlab.cli import main; sys.exit(main())",
-               "run", scenario, "--seed", str(s), "--out", str(out), "--quiet"]
-        for o in overrides:
-            cmd += ["--set", o]
-        print(f"seed {s}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            raise SystemExit(f"seed {s} failed (see {out})")
+    """``simlab run SCENARIO --seeds ... --out ROOT``: finished seeds are kept, a stopped one resumed."""
+    cmd = [sys.executable, "-c", "import sys; from simlab.cli import main; sys.exit(main())",
+           "run", scenario, "--seeds", ",".join(str(s) for s in seeds), "--out", str(root), "--quiet", "--no-report"]
+    for o in overrides:
+        cmd += ["--set", o]
+    print(" ".join(cmd[3:]), file=sys.stderr, flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"the sweep failed (see {root})")
 
 
 def _jsonl(path: Path) -> list[dict]:
