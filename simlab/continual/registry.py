@@ -14,6 +14,7 @@ from simlab.config import assemble
 from simlab.continual.ewc import EWC
 from simlab.continual.lwf import LwF
 from simlab.continual.method import Method
+from simlab.continual.mib import MiB
 from simlab.continual.odex import Odex
 from simlab.continual.replay import Replay
 from simlab.continual.sequential import Sequential
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
     "ewc": EWC,
     "odex": Odex,
     "lwf": LwF,
+    "mib": MiB,
 }
 
 # Method names a scenario may still use, with what to write instead (a validation error, not an alias).
