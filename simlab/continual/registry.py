@@ -17,6 +17,7 @@ from simlab.continual.method import Method
 from simlab.continual.mib import MiB
 from simlab.continual.odex import Odex
 from simlab.continual.replay import Replay
+from simlab.continual.rwalk import RWalk
 from simlab.continual.sequential import Sequential
 from simlab.continual.upper_bound import UpperBound
 
@@ -28,6 +29,7 @@ METHODS: dict[str, type[Method]] = {
     "odex": Odex,
     "lwf": LwF,
     "mib": MiB,
+    "rwalk": RWalk,
 }
 
 # Method names a scenario may still use, with what to write instead (a validation error, not an alias).
