@@ -16,6 +16,7 @@ from simlab.continual.lwf import LwF
 from simlab.continual.method import Method
 from simlab.continual.mib import MiB
 from simlab.continual.odex import Odex
+from simlab.continual.plop import PLOP
 from simlab.continual.replay import Replay
 from simlab.continual.rwalk import RWalk
 from simlab.continual.sequential import Sequential
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "odex": Odex,
     "lwf": LwF,
     "mib": MiB,
+    "plop": PLOP,
     "rwalk": RWalk,
 }
 
