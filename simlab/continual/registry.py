@@ -14,8 +14,11 @@ from simlab.config import assemble
 from simlab.continual.ewc import EWC
 from simlab.continual.lwf import LwF
 from simlab.continual.method import Method
+from simlab.continual.mib import MiB
 from simlab.continual.odex import Odex
+from simlab.continual.plop import PLOP
 from simlab.continual.replay import Replay
+from simlab.continual.rwalk import RWalk
 from simlab.continual.sequential import Sequential
 from simlab.continual.upper_bound import UpperBound
 
@@ -26,6 +29,9 @@ METHODS: dict[str, type[Method]] = {
     "ewc": EWC,
     "odex": Odex,
     "lwf": LwF,
+    "mib": MiB,
+    "plop": PLOP,
+    "rwalk": RWalk,
 }
 
 # Method names a scenario may still use, with what to write instead (a validation error, not an alias).
