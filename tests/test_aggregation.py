@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from simlab.aggregation.core import WeightingRule
 from simlab.aggregation import (
     RULES,
     AggregateResult,
@@ -443,7 +444,7 @@ def test_model_nbytes():
 
 # --------------------------------------------------------------------------- median, trimmed mean
 
-WEIGHTING = ("fedavg", "ida", "ida_fedavg")
+WEIGHTING = tuple(r for r, cls in RULES.items() if issubclass(cls, WeightingRule))  # Krum: weights 0 or ∝ n_k
 
 
 def test_median_and_trimmed_mean_hand_computed():
