@@ -31,6 +31,7 @@ from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import histories_nbytes, state_nbytes
 from simlab.federated.federation import Federation
+from simlab.models.unet import trainable_keys
 from simlab.runlog import SERVER
 
 log = logging.getLogger("simlab")
@@ -43,7 +44,7 @@ class OdexFederation(Federation):
         self.params = self.sc.continual.odex
         sample = torch.zeros(1, 1, self.sc.data.image_size, self.sc.data.image_size)
         self.fb_keys = first_block_keys(model, self.params.features, sample)
-        self.pool = Pool(self.params, state, self.ids)
+        self.pool = Pool(self.params, state, self.ids, server_opt=self.server_opt, opt_keys=trainable_keys(model))
 
     def first_block(self, m: int) -> dict[str, np.ndarray]:
         return {k: self.pool.members[m].state[k] for k in self.fb_keys}
