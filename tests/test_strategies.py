@@ -229,3 +229,45 @@ def test_hospital_training_takes_proximal_mu_from_the_federation():
            "federation": {"proximal_mu": 0.01}}
     sc = load_scenario_dict(raw, "s.yaml").base
     assert train_config(task_of(sc, "h1"), "cpu").proximal_mu == 0.01
+
+
+# ------------------------------------------------------------------------------------------ state across rounds
+def test_odex_pool_keeps_one_optimiser_state_per_member_and_a_fork_copies_its_parents(tmp_path):
+    from simlab.checkpoint import load_checkpoint, save_checkpoint
+    from simlab.continual.odex import Decision, OdexParams, fit_entry
+    from simlab.continual.odex_pool import Pool, Update
+
+    params, g = OdexParams(), np.random.default_rng(0)
+    opt = make_server_optimizer(ServerOptimizerParams(name="adam"))
+    init = float_models(1, seed=5)[0]
+    pool = Pool(params, init, ["h1", "h2"], server_opt=opt, opt_keys={"w", "b"})
+
+    def entry(shift):
+        return fit_entry(g.standard_normal((40, 8)) + shift, {}, params.shift, 1)
+
+    mean = lambda items, ref: {k: np.mean([u.model[k] for u in items], axis=0) for k in ref}  # noqa: E731
+    first = [Update(h, {k: v + 0.2 for k, v in init.items()}, 10, entry(0.0), "A") for h in ("h1", "h2")]
+    pool.apply(1, {"h1": Decision(0, False), "h2": Decision(0, False)}, first, mean, lambda *a: None)
+    after1 = {k: v.copy() for k, v in pool.members[0].state.items()}
+    parent = pool.opt[0].copy()  # member 0 after one step
+    assert parent.step == 1
+    updates = [Update("h1", {k: v + 1.0 for k, v in after1.items()}, 10, entry(50.0), "B"),
+               Update("h2", {k: v + 0.5 for k, v in after1.items()}, 10, entry(0.0), "A")]
+    pool.apply(2, {"h1": Decision(0, True), "h2": Decision(0, False)}, updates, mean, lambda *a: None)
+    assert sorted(pool.members) == sorted(pool.opt) == [0, 1]
+    fork_expected = opt.apply(parent.copy(), after1, updates[0].model, {"w", "b"})  # the parent's state, copied
+    member0 = opt.apply(parent.copy(), after1, updates[1].model, {"w", "b"})
+    np.testing.assert_array_equal(pool.members[1].state["w"], fork_expected["w"])
+    np.testing.assert_array_equal(pool.members[0].state["w"], member0["w"])
+    assert pool.opt[1].step == pool.opt[0].step == 2 and not np.array_equal(pool.opt[1].m["w"], pool.opt[0].m["w"])
+
+    meta, arrays = pool.snapshot()
+    save_checkpoint(tmp_path / "p.npz", meta, arrays)
+    meta, arrays = load_checkpoint(tmp_path / "p.npz")
+    other = Pool(params, init, ["h1", "h2"], server_opt=opt, opt_keys={"w", "b"})
+    other.restore(meta, arrays)
+    for m, st in pool.opt.items():
+        got = other.opt[m]
+        assert got.step == st.step and all(got.m[k].tobytes() == st.m[k].tobytes() for k in st.m)
+        assert all(got.v[k].tobytes() == st.v[k].tobytes() for k in st.v)
+
