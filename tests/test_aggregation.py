@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from simlab.aggregation.core import WeightingRule
 from simlab.aggregation import (
     RULES,
     AggregateResult,
@@ -20,6 +19,7 @@ from simlab.aggregation import (
     model_nbytes,
     update_norm,
 )
+from simlab.aggregation.core import WeightingRule
 
 
 def make_model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
