@@ -40,7 +40,7 @@ def train_config(task: HospitalTask, device: str) -> TrainConfig:
     fed, aug = task.federation, task.augmentation
     return TrainConfig(steps=fed.local_steps, batch_size=fed.batch_size, lr=fed.lr, optimizer=fed.optimizer,
                        epochs=fed.local_epochs, flip=aug.flip, device=device,
-                       episodic=aug.frequency.enabled and aug.frequency.episodic)
+                       episodic=aug.frequency.enabled and aug.frequency.episodic, proximal_mu=fed.proximal_mu)
 
 
 @dataclass

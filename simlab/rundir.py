@@ -285,6 +285,8 @@ def _arm_summary(sc, res: dict, costs: list[dict], wall: float) -> dict:
         "method": sc.continual.method,
         "family": method.family,
         "aggregation": sc.federation.aggregation.rule,
+        "server_optimizer": sc.federation.server_optimizer.name,
+        "proximal_mu": sc.federation.proximal_mu,
         "breaks_no_rehearsal": method.breaks_no_rehearsal,
         "uses_future_data": method.uses_future_data,
         "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": res["forgetting"],

@@ -19,6 +19,7 @@ from simlab.aggregation import (
     model_nbytes,
     update_norm,
 )
+from simlab.aggregation.core import WeightingRule
 
 
 def make_model(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -443,7 +444,7 @@ def test_model_nbytes():
 
 # --------------------------------------------------------------------------- median, trimmed mean
 
-WEIGHTING = ("fedavg", "ida", "ida_fedavg")
+WEIGHTING = tuple(r for r, cls in RULES.items() if issubclass(cls, WeightingRule))  # Krum: weights 0 or ∝ n_k
 
 
 def test_median_and_trimmed_mean_hand_computed():

@@ -5,6 +5,9 @@ from simlab.aggregation.core import (AggregateResult, EmptyAggregation, Rule, ch
                                      update_norm)
 from simlab.aggregation.ida import ida_weights
 from simlab.aggregation.registry import RULES, AggregationParams, make_rule
+from simlab.aggregation.server_opt import (OPTIMIZERS, OptState, ServerOptimizer, ServerOptimizerParams,
+                                          make_server_optimizer)
 
-__all__ = ["RULES", "AggregateResult", "AggregationParams", "EmptyAggregation", "Rule", "aggregate",
-           "check_update", "ida_weights", "make_rule", "model_nbytes", "update_norm"]
+__all__ = ["OPTIMIZERS", "RULES", "AggregateResult", "AggregationParams", "EmptyAggregation", "OptState", "Rule",
+           "ServerOptimizer", "ServerOptimizerParams", "aggregate", "check_update", "ida_weights", "make_rule",
+           "make_server_optimizer", "model_nbytes", "update_norm"]

@@ -15,6 +15,7 @@ from typing import Literal
 from simlab.aggregation.core import Rule
 from simlab.aggregation.fedavg import FedAvg
 from simlab.aggregation.ida import Ida, IdaFedAvg
+from simlab.aggregation.krum import Krum
 from simlab.aggregation.median import Median
 from simlab.aggregation.trimmed_mean import TrimmedMean
 from simlab.config import assemble
@@ -25,6 +26,7 @@ RULES: dict[str, type[Rule]] = {
     "ida_fedavg": IdaFedAvg,
     "median": Median,
     "trimmed_mean": TrimmedMean,
+    "krum": Krum,
 }
 
 

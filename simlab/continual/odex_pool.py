@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simlab.aggregation.server_opt import OptState, ServerOptimizer
 from simlab.checkpoint import flat, nest
 from simlab.continual.odex import Decision, Entry, OdexParams, cluster_entries, decide, merge_entries
 
@@ -53,8 +54,11 @@ Record = Callable[[str, str, str, float], None]
 
 
 class Pool:
-    def __init__(self, params: OdexParams, init_state: State, hospitals: list[str]):
+    def __init__(self, params: OdexParams, init_state: State, hospitals: list[str],
+                 server_opt: ServerOptimizer | None = None, opt_keys: set[str] | frozenset = frozenset()):
         self.params = params
+        self.server_opt, self.opt_keys = server_opt, set(opt_keys)  # see _step
+        self.opt: dict[int, OptState] = {}  # member → its server optimiser state
         self.members: dict[int, Member] = {0: Member(0, init_state)}
         self.next_id = 1
         self.current = {h: 0 for h in hospitals}  # member each hospital trained last
@@ -127,7 +131,7 @@ class Pool:
             new = aggregate(items, member.state)
             if new is None:
                 continue
-            member.state = new
+            member.state = self._step(self._opt_of(m), member.state, new)
             member.history.extend(self._entries(items))
             for u in items:
                 member.trained_on[u.domain] += 1
@@ -159,8 +163,12 @@ class Pool:
                 new = aggregate(cluster, self.members[parent].state)
                 if new is None:
                     continue
+                opt = None if self.server_opt is None else self._opt_of(parent).copy()
+                new = self._step(opt, self.members[parent].state, new)
                 first, *rest = self._entries(cluster)
                 member = self.add_fork(parent, new, first, t)
+                if opt is not None:
+                    self.opt[member.id] = opt
                 member.history.extend(rest)
                 for u in cluster:
                     member.trained_on[u.domain] += 1
@@ -168,6 +176,21 @@ class Pool:
                     self._trained(u, member.id, record)
                 log.info("round %d: member %d forked from %d by %s", t, member.id, parent,
                          ", ".join(u.hospital for u in cluster))
+
+    # ------------------------------------------------------------------ server optimiser, per member
+    def _opt_of(self, m: int) -> OptState | None:
+        """Member m's server optimiser state (a member starts with a fresh one, m = v = 0)."""
+        return None if self.server_opt is None else self.opt.setdefault(m, OptState())
+
+    def _step(self, opt: OptState | None, reference: State, new: State) -> State:
+        """``federation.server_optimizer`` per member: the member's aggregate ``new`` is a pseudo-gradient
+        from the model its hospitals were sent (``reference``), stepped on the trainable keys with the
+        member's own m and v (:mod:`simlab.aggregation.server_opt`). A fork starts from a copy of its
+        parent's state: its first aggregate is a step from the parent's model, so it continues the
+        parent's trajectory rather than restarting the adaptive step scale (a fresh Adam's first steps
+        are ≈ ±η on every coordinate) just when it meets a new domain. First-round members and member 0
+        start fresh."""
+        return new if opt is None else self.server_opt.apply(opt, reference, new, self.opt_keys)
 
     # ------------------------------------------------------------------ evaluation
     def oracle(self) -> dict[str, int]:
@@ -189,6 +212,9 @@ class Pool:
             for i, e in enumerate(mem.history):
                 arrays.update(flat(f"m{m}.h{i}", e.to_arrays()))
         meta = {"members": members, "next_id": self.next_id, "current": self.current, "last_domain": self.last_domain}
+        for m, opt in self.opt.items():
+            arrays.update(flat(f"opt{m}", opt.to_arrays()))
+        meta["opt"] = sorted(self.opt)
         return meta, arrays
 
     def restore(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -201,3 +227,4 @@ class Pool:
         self.next_id = int(meta["next_id"])
         self.current = {h: int(m) for h, m in meta["current"].items()}
         self.last_domain = dict(meta["last_domain"])
+        self.opt = {int(m): OptState.from_arrays(nest(arrays, f"opt{m}")) for m in meta.get("opt", [])}

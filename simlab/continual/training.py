@@ -21,6 +21,7 @@ class TrainConfig:
     flip: bool = False
     device: str = "cpu"
     episodic: bool = False  # FedDG episodic step (needs an augmentation); meta step size = lr
+    proximal_mu: float = 0.0  # FedProx: (mu/2)·‖w − w_t‖² added to every batch's loss (0: off)
 
 
 def pick_device(choice: str) -> str:
@@ -58,6 +59,21 @@ def _episodic_loss(model, loss_fn, x, x_aug, y, beta: float) -> tuple[torch.Tens
     return inner + outer, x, logits
 
 
+def proximal_anchor(params: list[torch.nn.Parameter], mu: float) -> list[torch.Tensor] | None:
+    """FedProx's w_t: a detached copy of the trainable parameters as they are before the first local
+    step (the model received this round, as Flower's FedProx copies the network after loading the
+    global weights and before training); None when mu = 0, so that nothing changes."""
+    return [p.detach().clone() for p in params] if mu > 0.0 else None
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020, "Federated optimization in heterogeneous networks", eq. 2): the local
+    objective is h_k(w; w_t) = F_k(w) + (mu/2)·‖w − w_t‖², the squared norm over every trainable
+    parameter. (The example in Flower's ``FedProx`` docstring adds the unsquared norm; the paper and
+    Flower's FedProx baseline square it, and so does this.)"""
+    return (mu / 2.0) * sum(torch.sum((p - a) ** 2) for p, a in zip(params, anchor))
+
+
 def train_local(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -76,7 +92,8 @@ def train_local(
 
     ``hooks`` (a :class:`simlab.continual.method.Method`): ``hooks.loss_term(model, x, y, logits)`` is
     added to each batch's loss (x as the network saw it, logits its output; for the episodic step,
-    the inner pass on the raw batch), and ``hooks.after_step(model)`` runs after each step.
+    the inner pass on the raw batch), and ``hooks.after_step(model)`` runs after each step. FedProx's
+    :func:`proximal_term` (``cfg.proximal_mu`` > 0) is anchored to ``model`` as passed in (as received).
     """
     if cfg.episodic and augment is None:
         raise ValueError("the episodic step needs an augmentation (augmentation.frequency.enabled)")
@@ -89,6 +106,7 @@ def train_local(
     loss_fn = build_loss()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    anchor = proximal_anchor(params, cfg.proximal_mu)
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(np.ascontiguousarray(labels)).long().unsqueeze(1)
     losses = []
@@ -107,6 +125,8 @@ def train_local(
         extra = hooks.loss_term(model, seen, y, logits) if hooks is not None else None
         if extra is not None:
             loss = loss + extra
+        if anchor is not None:
+            loss = loss + proximal_term(params, anchor, cfg.proximal_mu)
         loss.backward()
         opt.step()
         if hooks is not None:

@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
 from simlab.continual.registry import method_class
 from simlab.data.drift import true_domains
-from simlab.aggregation import EmptyAggregation, aggregate
+from simlab.aggregation import EmptyAggregation, OptState, aggregate, make_server_optimizer
 from simlab.federated import codec
 from simlab.federated.codec import state_nbytes
 from simlab.federated.eval_plan import assign_evaluators
@@ -106,6 +106,8 @@ class Federation:
         self.last_trained: dict[str, int] = {}  # hospital → last round whose update reached the server
         self.run_key = ""
         self.elapsed = 0.0
+        self.server_opt = make_server_optimizer(scenario.federation.server_optimizer)  # None: the aggregate is the model
+        self.opt_state = OptState()  # the server optimiser's m, v and step count (checkpointed)
 
     # ------------------------------------------------------------------ messaging
     def _send(self, kind: str, targets: list[str], requests: dict) -> dict[str, Message]:
@@ -296,16 +298,29 @@ class Federation:
             self.log.metric(t, h, self.domains[h][t - 1], "update_rejected", 1.0)
         for h, w in result.weights.items():
             self.log.metric(t, h, self.domains[h][t - 1], "agg_weight", w)
-        return {k: result.model.get(k, v) for k, v in state.items()}, cost
+        return self.server_step(state, {k: result.model.get(k, v) for k, v in state.items()}, keys - self.local), cost
+
+    def server_step(self, state: dict[str, np.ndarray], new: dict[str, np.ndarray], keys: set[str]
+                    ) -> dict[str, np.ndarray]:
+        """With ``federation.server_optimizer``, the aggregate ``new`` is a pseudo-gradient from the model
+        sent (``state``): the optimiser steps the trainable parameters ``keys``; every other array (running
+        statistics, counters) keeps the aggregate. Without one, ``new`` is the new model."""
+        if self.server_opt is None:
+            return new
+        return self.server_opt.apply(self.opt_state, state, new, keys)
 
     # ------------------------------------------------------------------ checkpoints
     def snapshot(self, state: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
         """What the server needs to continue after round t (subclasses add their own)."""
-        return {"last_trained": self.last_trained}, {**flat("model", state), **flat("bank", self.bank)}
+        arrays = {**flat("model", state), **flat("bank", self.bank)}
+        if self.server_opt is not None:
+            arrays.update(flat("server_opt", self.opt_state.to_arrays()))
+        return {"last_trained": self.last_trained}, arrays
 
     def restore(self, meta: dict, arrays: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.last_trained = {h: int(t) for h, t in meta["last_trained"].items()}
         self.bank = nest(arrays, "bank")
+        self.opt_state = OptState.from_arrays(nest(arrays, "server_opt"))
         restored = nest(arrays, "model")
         if list(restored) != list(state) or any(restored[k].shape != v.shape for k, v in state.items()):
             raise CheckpointError(f"{self.ckpt}: its model does not match the scenario's model")

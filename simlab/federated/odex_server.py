@@ -34,6 +34,7 @@ from simlab.aggregation import EmptyAggregation, aggregate
 from simlab.federated import codec
 from simlab.federated.codec import histories_nbytes, state_nbytes
 from simlab.federated.federation import Federation
+from simlab.models.unet import trainable_keys
 from simlab.runlog import SERVER
 
 log = logging.getLogger("simlab")
@@ -46,7 +47,7 @@ class OdexFederation(Federation):
         self.params = self.sc.continual.odex
         sample = torch.zeros(1, 1, self.sc.data.image_size, self.sc.data.image_size)
         self.fb_keys = first_block_keys(model, self.params.features, sample)
-        self.pool = Pool(self.params, state, self.ids)
+        self.pool = Pool(self.params, state, self.ids, server_opt=self.server_opt, opt_keys=trainable_keys(model))
         self.scored = self.params.expansion == "detect" or self.params.selection == "scores"
         self.wants_dice = self.scored and self.params.expansion == "dice"
 

@@ -16,7 +16,7 @@ from simlab.augment.frequency import FrequencyParams
 from simlab.continual.registry import ContinualSpec, method_class
 from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
-from simlab.aggregation import AggregationParams
+from simlab.aggregation import AggregationParams, ServerOptimizerParams
 from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
 from simlab.runlog import RESERVED_IDS
 
@@ -32,6 +32,13 @@ class FederationSpec:
     batch_size: int = field(default=16, metadata={"ge": 1})
     optimizer: Literal["adam", "sgd"] = "adam"
     aggregation: AggregationParams = field(default_factory=AggregationParams)
+    server_optimizer: ServerOptimizerParams = field(
+        default_factory=ServerOptimizerParams, metadata={"help": "FedOpt (Reddi et al. 2021): the aggregate is a "
+                                                                 "pseudo-gradient for a server optimiser (none: it is the new model)"})
+    proximal_mu: float = field(
+        default=0.0, metadata={"ge": 0.0, "help": "FedProx (Li et al. 2020): (mu/2)·‖w − w_t‖² added to the local loss, "
+                                                  "w_t the model received this round (0: off; the paper tries "
+                                                  "0.001, 0.01, 0.1, 1)"})
     norm: Literal["shared", "local"] = field(
         default="shared", metadata={"help": "shared: normalisation layers are aggregated like every weight; local: FedBN "
                                             "(Li et al. 2021), each hospital keeps its own normalisation weights and "
@@ -185,10 +192,25 @@ class Scenario(DerivedFacts):
         if method.server == "pool" and self.evaluation.adaptation != "none":
             p.append(("evaluation.adaptation", "test-time adaptation is not combined with a routed model pool "
                                                f"(continual method {self.continual.method!r}) yet"))
+        p += self._krum_problems()
         if self.augmentation.frequency.enabled and not method.with_frequency_augmentation:
             p.append(("augmentation.frequency.enabled",
                       f"frequency augmentation is not combined with continual method {self.continual.method!r}"))
         return p
+
+    def _krum_problems(self) -> list[tuple[str, str]]:
+        """Krum with f > 0 needs 2f + 3 updates per aggregation (Blanchard et al.: 2f + 2 < n); a shared
+        model aggregates every sampled hospital, so fewer sampled hospitals can never aggregate. (A pool
+        member aggregates only the hospitals that trained it: a round with too few is skipped for it.)"""
+        agg = self.federation.aggregation
+        if agg.rule != "krum" or agg.krum.num_malicious_nodes == 0:
+            return []
+        f, k = agg.krum.num_malicious_nodes, self.federation.clients_per_round or len(self.hospitals)
+        if k < 2 * f + 3:
+            return [("federation.aggregation.krum.num_malicious_nodes",
+                     f"krum with f={f} needs at least 2f+3 = {2 * f + 3} hospitals per round, the federation "
+                     f"samples {k}")]
+        return []
 
     def _arm_problems(self) -> list[tuple[str, str]]:
         p, names = [], [a.name for a in self.arms]
