@@ -39,6 +39,17 @@ def test_shifting_source_moves_through_every_domain_in_equal_segments():
     assert all(plan(two, t).weights == pytest.approx(plan(gradual, t).weights) for t in range(1, 8))
 
 
+def test_every_drift_type_describes_its_schedule_in_words():
+    from simlab.data.drift import describe
+
+    assert describe({"type": "abrupt", "domains": ["A", "B", "A"], "at": [4, 7]}) == "A, then B from round 4, then A from round 7"
+    assert describe({"type": "none", "domain": "A"}) == "A throughout"
+    assert describe({"type": "shifting", "domains": ["A", "B", "C"], "start": 3, "end": 11}) == \
+        "a case mix shifting A → B → C over rounds 3–11"
+    assert describe({"type": "recurring", "domains": ["A", "B"], "period": 2}) == "A, B in turn, 2 rounds each, repeated"
+    assert describe({"type": "teleport", "domains": ["A"]}) == "teleport"  # unknown to this version: its name
+
+
 def test_gradual_interpolation_carries_the_fraction():
     d = DriftSpec(type="gradual", domains=["A", "B"], start=1, end=5, mode="interpolate")
     assert plan(d, 2).interpolate == ("A", "B", pytest.approx(0.25))

@@ -122,7 +122,7 @@ def test_report_one_arm(tmp_path):
     a = summary["arms"]["sequential"]
     assert f"<td class=\"num\">{a['acc']:.3f}</td>" in html
     assert f"{a['bwt']:+.3f}" in html and a["bwt"] < 0  # h1 forgets A after round 3
-    assert "abrupt: A → B (from round 4)" in html and "gradual (mix): C → A over rounds 2–5" in html
+    assert "A, then B from round 4" in html and "C to A (mixed) over rounds 2–5" in html
     departed = html.split("<h3>Forgetting per domain that left every stream")[1].split("<h3>")[0]
     assert "<td class=\"txt\">C</td>" in departed and "<td class=\"num\">4</td>" in departed
     assert f"{a['forgetting_by_domain']['C']['forgetting']:+.3f}" in departed
@@ -244,7 +244,7 @@ def test_what_happened_names_the_change_and_what_each_arm_kept_or_lost():
         "upper_bound": {"uses_future_data": True, "breaks_no_rehearsal": True,
                         "forgetting_by_domain": left(0.8, 0.85), "final_dice": {"old": 0.85}}}}
     text = what_happened(summary, scenario)
-    assert text.startswith("a moved from old to new in round 6; b kept its domain.")
+    assert text.startswith("a: old, then new from round 6; b kept its domain.")
     assert "old left every stream after round 5" in text
     assert "sequential lost 0.30 Dice on old (0.80 → 0.50), ended at Dice 0.80 on the other test domains" in text
     assert "odex kept old (0.80 → 0.79)" in text and "grew a pool of 2 models" in text

@@ -25,7 +25,7 @@ from simlab.data.drifts.population import Population
 from simlab.data.drifts.shifting import Shifting
 from simlab.data.drifts.recurring import Recurring
 
-__all__ = ["DRIFTS", "DriftSpec", "WindowPlan", "contribution_span", "plan", "true_domains"]
+__all__ = ["DRIFTS", "DriftSpec", "WindowPlan", "contribution_span", "describe", "plan", "true_domains"]
 
 DRIFTS: dict[str, type[DriftType]] = {
     "none": NoDrift,
@@ -48,6 +48,10 @@ def _referenced_domains(self) -> list[str]:
     return DRIFTS[self.type].referenced_domains(self)
 
 
+def _describe(self) -> str:
+    return DRIFTS[self.type].describe(self)
+
+
 DriftSpec = assemble(
     "DriftSpec",
     "How a hospital's domain changes over rounds (the methods are never told). "
@@ -61,7 +65,7 @@ DriftSpec = assemble(
         *[f for c in DRIFTS.values() for f in c.fields],
     ],
     {},
-    namespace={"check": _check, "referenced_domains": _referenced_domains},
+    namespace={"check": _check, "referenced_domains": _referenced_domains, "describe": _describe},
 )
 
 
@@ -87,3 +91,14 @@ def contribution_span(drift, rounds: int) -> dict[str, tuple[int, int]]:
         for d in plan(drift, t).contributing:
             span[d] = (span.get(d, (t, t))[0], t)
     return span
+
+
+def describe(drift: dict) -> str:
+    """The schedule of a drift written as a plain mapping (a resolved ``scenario.yaml``), in words; a type
+    this version does not know (an old run) is named as it is."""
+    from simlab.config import ScenarioError, build
+
+    try:
+        return build(DriftSpec, drift, "scenario.yaml").describe()
+    except ScenarioError:
+        return str(drift.get("type", "?"))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from simlab.compare import final_pool_sizes
+from simlab.data.drift import describe
 from simlab.fileio import atomic_write
 from simlab.metrics.registry import HEADLINE, REGISTRY
 from simlab.report.story import what_happened
@@ -77,25 +78,6 @@ class RunData:
                 if span not in out:
                     out.append(span)
         return out
-
-
-def drift_text(drift: dict) -> str:
-    t = drift.get("type", "none")
-    doms = drift.get("domains") or []
-    if t == "none":
-        return f"{drift.get('domain')} throughout"
-    if t == "abrupt":
-        parts = [doms[0]] + [f"{d} (from round {r})" for d, r in zip(doms[1:], drift.get("at") or [])]
-        return "abrupt: " + " → ".join(parts)
-    if t == "recurring":
-        return f"recurring: {' → '.join(doms)}, {drift.get('period')} rounds each, repeated"
-    if t == "gradual":
-        return (f"gradual ({drift.get('mode')}): {doms[0]} → {doms[1]} over rounds "
-                f"{drift.get('start')}–{drift.get('end')}")
-    if t == "population":
-        return (f"population mixture of {', '.join(doms)}: weights {drift.get('weights_start')} → "
-                f"{drift.get('weights_end')} over rounds {drift.get('start')}–{drift.get('end')}")
-    return t
 
 
 # --------------------------------------------------------------------------------- HTML bits
@@ -298,7 +280,7 @@ def _scenario_section(page: _Page, run: RunData) -> None:
     rows = []
     for h in sc.get("hospitals", []):
         rows.append([_e(h.get("id")), _e(h.get("size")), _e(h.get("label_fraction")),
-                     _e(drift_text(h.get("drift") or {}))])
+                     _e(describe(h.get("drift") or {}))])
     head = ["hospital", "images per round", "labelled share", "drift (true domains; the methods are not told)"]
     page.add(_table(head, rows))
     fed = sc.get("federation") or {}

@@ -9,27 +9,17 @@ pool. The report puts it on its first screen; ``simlab run`` prints it under the
 
 from __future__ import annotations
 
+from simlab.data.drift import describe
 from simlab.rundir import reference_label
 
 KEPT = 0.02  # a change of at most this much Dice is reported as "kept"
 
 
 def _change(h: dict) -> str | None:
-    """``st-mary: legacy_t2 → st-mary_t1 in round 11``, or None for a hospital that keeps its domain."""
+    """``st-mary: legacy_t2, then st-mary_t1 from round 11`` (the drift type's own words), or None for
+    a hospital that keeps its domain."""
     d = h.get("drift") or {}
-    t, doms = d.get("type", "none"), d.get("domains") or []
-    if t == "none":
-        return None
-    if t == "abrupt":
-        steps = ", ".join(f"{b} in round {r}" for b, r in zip(doms[1:], d.get("at") or []))
-        return f"{h['id']} moved from {doms[0]} to {steps}"
-    if t == "gradual":
-        return f"{h['id']} drifted from {doms[0]} to {doms[1]} over rounds {d.get('start')}–{d.get('end')}"
-    if t == "population":
-        return f"{h['id']}'s population mixture of {', '.join(doms)} moved over rounds {d.get('start')}–{d.get('end')}"
-    if t == "recurring":
-        return f"{h['id']} alternated between {', '.join(doms)} every {d.get('period')} rounds"
-    return f"{h['id']} drifted ({t})"
+    return None if d.get("type", "none") == "none" else f"{h['id']}: {describe(d)}"
 
 
 def _arm_sentence(name: str, a: dict) -> str:

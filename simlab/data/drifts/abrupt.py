@@ -23,5 +23,9 @@ class Abrupt(DriftType):
         return []
 
     @staticmethod
+    def describe(spec):
+        return ", then ".join([spec.domains[0]] + [f"{d} from round {r}" for d, r in zip(spec.domains[1:], spec.at)])
+
+    @staticmethod
     def plan(spec, t):
         return WindowPlan(weights={spec.domains[sum(1 for r in spec.at if t >= r)]: 1.0})

@@ -65,3 +65,8 @@ class DriftType:
     @staticmethod
     def referenced_domains(spec) -> list[str]:
         return list(spec.domains)
+
+    @classmethod
+    def describe(cls, spec) -> str:
+        """The schedule in words, for the report and the run's story (e.g. ``A, then B from round 4``)."""
+        return f"{cls.name}: {' → '.join(spec.domains)}"

@@ -26,6 +26,11 @@ class Gradual(DriftType):
         return p
 
     @staticmethod
+    def describe(spec):
+        how = "mixed" if spec.mode == "mix" else "interpolated"
+        return f"{spec.domains[0]} to {spec.domains[1]} ({how}) over rounds {spec.start}–{spec.end}"
+
+    @staticmethod
     def plan(spec, t):
         a, b = spec.domains
         s = ramp(t, spec.start, spec.end)

@@ -15,6 +15,10 @@ class NoDrift(DriftType):
         return [] if spec.domain else [("domain", "drift type 'none' needs 'domain'")]
 
     @staticmethod
+    def describe(spec):
+        return f"{spec.domain} throughout"
+
+    @staticmethod
     def plan(spec, t):
         return WindowPlan(weights={spec.domain: 1.0})
 

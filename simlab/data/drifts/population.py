@@ -31,6 +31,11 @@ class Population(DriftType):
         return p
 
     @staticmethod
+    def describe(spec):
+        return (f"a population mixture of {', '.join(spec.domains)}, weights {spec.weights_start} → "
+                f"{spec.weights_end} over rounds {spec.start}–{spec.end}")
+
+    @staticmethod
     def plan(spec, t):
         s = ramp(t, spec.start, spec.end) if spec.end > spec.start else float(t >= spec.end)
         w = [(1 - s) * x + s * y for x, y in zip(spec.weights_start, spec.weights_end)]

@@ -17,5 +17,9 @@ class Recurring(DriftType):
         return [] if spec.period is not None else [("period", "drift type 'recurring' needs 'period' (rounds per visit)")]
 
     @staticmethod
+    def describe(spec):
+        return f"{', '.join(spec.domains)} in turn, {spec.period} rounds each, repeated"
+
+    @staticmethod
     def plan(spec, t):
         return WindowPlan(weights={spec.domains[((t - 1) // spec.period) % len(spec.domains)]: 1.0})

@@ -26,6 +26,10 @@ class Shifting(DriftType):
         return p
 
     @staticmethod
+    def describe(spec):
+        return f"a case mix shifting {' → '.join(spec.domains)} over rounds {spec.start}–{spec.end}"
+
+    @staticmethod
     def plan(spec, t):
         n = len(spec.domains) - 1
         pos = min(max((t - spec.start) / (spec.end - spec.start), 0.0), 1.0) * n  # in [0, n]
