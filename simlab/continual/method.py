@@ -4,7 +4,9 @@ method uses to change it. No Flower here; :mod:`simlab.continual.registry` lists
 A method is one class. It declares
 
 - ``name`` (the scenario's ``continual.method``), ``help`` and ``family`` (how reports group it:
-  ``baseline``, ``regularisation``, ``distillation``, ``expansion``, ``rehearsal``);
+  ``baseline`` (sequential), ``regularisation`` (EWC, RWalk), ``distillation`` (LwF, MiB, PLOP),
+  ``expansion`` (ODEx), ``rehearsal`` (the references that revisit old images and break the
+  no-rehearsal rule: replay, the static upper bound));
 - ``Params``: a frozen dataclass of its hyperparameters (scenario section ``continual.<name>``), or None;
 - ``keeps_state``: whether it carries hospital-private state from round to round (saved at the
   hospital, never sent; :meth:`after_round` returns it);

@@ -34,7 +34,7 @@ class UpperBound(Method):
     name = "upper_bound"
     help = ("REFERENCE that uses all of the stream's data from round 1 (future rounds too): trains each round "
             "on an i.i.d. sample of the union of every window, the static upper bound")
-    family = "baseline"
+    family = "rehearsal"  # a reference that revisits (and pre-visits) data, like replay
     breaks_no_rehearsal = True
     uses_future_data = True
 
