@@ -103,7 +103,11 @@ def run_sweep(path: str, overrides: list[str], seeds: list[int], out: str | None
     root = Path(out) if out else Path("runs") / f"{first.base.name}-seeds-{stamp}"
     record = {"scenario": str(path), "overrides": list(overrides), "seeds": list(seeds)}
     if (root / SWEEP_FILE).is_file():
-        if json.loads((root / SWEEP_FILE).read_text(encoding="utf-8")) != record:
+        try:
+            earlier = json.loads((root / SWEEP_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RunDirError(f"{root / SWEEP_FILE}: unreadable ({exc})") from None
+        if earlier != record:
             raise RunDirError(f"{root}: holds a sweep of another scenario, overrides or seeds ({SWEEP_FILE}); "
                               "choose another --out")
     elif root.exists() and (not root.is_dir() or any(root.iterdir())):
