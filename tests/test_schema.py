@@ -126,6 +126,23 @@ def test_hospital_ids_that_name_result_rows_are_refused(tmp_path, reserved, caps
     assert "hospitals[1].id" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/b", ".hidden", "''", "'two words'"])
+def test_hospital_ids_that_would_leave_or_hide_in_the_run_directory_are_refused(tmp_path, bad, capsys):
+    """A hospital id names files (R/<arm>/<hospital>.csv, its state directory): no separators, no
+    leading dot, nothing empty, refused at validation with the key, before any engine starts."""
+    from simlab.cli import main
+
+    path = write(tmp_path, GOOD.replace("  - id: h2\n", f"  - id: {bad}\n"))
+    assert "names files in the run directory" in dict(error_of(path).problems)["hospitals[1].id"]
+    assert main(["validate", str(path)]) == 2
+    assert "hospitals[1].id" in capsys.readouterr().err
+
+
+def test_domain_names_that_reach_file_names_are_refused(tmp_path):
+    text = GOOD.replace("  B: {scanner: {contrast: inverted}}", "  ../B: {scanner: {contrast: inverted}}")
+    assert "domains.../B" in dict(error_of(write(tmp_path, text.replace("[A, B]", "[A, ../B]"))).problems)
+
+
 def test_arm_override_errors_name_the_arm(tmp_path):
     text = GOOD + "arms:\n  - {name: fast, set: {federation.lr: -1}}\n"
     err = error_of(write(tmp_path, text))

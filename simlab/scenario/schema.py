@@ -97,6 +97,8 @@ class ArmSpec:
 
 
 _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+"""Arm names, hospital ids and domain names become file and directory names in the run directory
+(``R/<arm>/<hospital>.csv``, checkpoints, hospital state): no path separator, no leading dot."""
 
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
 ARM_KEYS = ("evaluation.adaptation",)  # keys outside those sections an arm may set: the test sets stay the same
@@ -153,6 +155,9 @@ class Scenario(DerivedFacts):
         p, last = [], self.federation.rounds
         if [g.id for g in self.hospitals].count(h.id) > 1:
             p.append((f"hospitals[{i}].id", f"duplicate hospital id {h.id!r}"))
+        if not _ARM_NAME.fullmatch(h.id):
+            p.append((f"hospitals[{i}].id", f"expected letters, digits, '_', '-', '.' or '+' (not first), since it "
+                                            f"names files in the run directory; found {h.id!r}"))
         if h.id in RESERVED_IDS:
             p.append((f"hospitals[{i}].id", f"{h.id!r} is reserved: results name rows and files "
                                             f"{', '.join(map(repr, RESERVED_IDS))} that are not a hospital's"))
@@ -166,11 +171,14 @@ class Scenario(DerivedFacts):
                 and len({self.domains[d].dataset for d in h.drift.domains}) > 1):
             p.append((f"hospitals[{i}].drift.mode",
                       "interpolation between real-data domains needs both to read the same dataset; use mode 'mix'"))
-        if h.drift.type in ("gradual", "population") and h.drift.start > last:
+        if h.drift.type in ("gradual", "population", "shifting") and h.drift.start > last:
             p.append((f"hospitals[{i}].drift.start", f"start {h.drift.start} is after the last round ({last})"))
         return p
 
     def _domain_problems(self, name: str, dom) -> list[tuple[str, str]]:
+        if not _ARM_NAME.fullmatch(name):
+            return [(f"domains.{name}", "expected a name of letters, digits, '_', '-', '.' or '+' (not first), "
+                                        "since domain names reach result files")]
         if self.data.source != "nifti":
             return [(f"domains.{name}.dataset", "only used with data.source 'nifti'")] if dom.dataset is not None else []
         p = []
