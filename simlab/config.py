@@ -10,12 +10,14 @@ dataclass that returns ``(field, message)`` pairs. A text field may name values 
 
 YAML is parsed with a ``SafeLoader`` subclass: no object-constructing tags, a size limit on the file,
 and a limit on the *expanded* size of the document, so alias bombs ("billion laughs") are refused
-before anything walks them.
+before anything walks them. Numbers with an exponent and no dot (``1e-3``) are floats, as in YAML 1.2
+and on the command line (YAML 1.1 reads them as text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import types
 from pathlib import Path
@@ -46,6 +48,16 @@ class _BoundedSafeLoader(yaml.SafeLoader):
         node = super().compose_document()
         _check_expanded_size(node)
         return node
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot, so ``lr: 1e-3`` would be the text "1e-3" while
+# ``--set federation.lr=1e-3`` is a number; the YAML 1.2 float rule (exponent without a dot) is added
+# to this loader only.
+_BoundedSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _check_expanded_size(root: yaml.Node) -> None:

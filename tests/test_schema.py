@@ -138,6 +138,16 @@ def test_hospital_ids_that_would_leave_or_hide_in_the_run_directory_are_refused(
     assert "hospitals[1].id" in capsys.readouterr().err
 
 
+def test_a_float_written_with_an_exponent_and_no_dot_is_a_number_in_files_too(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as text; a scenario file means the number, as ``--set`` does."""
+    sc = load_scenario(write(tmp_path, GOOD.replace("federation: {rounds: 4}", "federation: {rounds: 4, lr: 1e-3}"))).base
+    assert sc.federation.lr == 0.001
+    sc = load_scenario(write(tmp_path, GOOD.replace("federation: {rounds: 4}", "federation: {rounds: 4, lr: 2E-4}"))).base
+    assert sc.federation.lr == 2e-4
+    quoted = GOOD.replace("federation: {rounds: 4}", "federation: {rounds: 4, lr: '1e-3'}")
+    assert "federation.lr" in dict(error_of(write(tmp_path, quoted)).problems)  # quoted: text, as written
+
+
 def test_domain_names_that_reach_file_names_are_refused(tmp_path):
     text = GOOD.replace("  B: {scanner: {contrast: inverted}}", "  ../B: {scanner: {contrast: inverted}}")
     assert "domains.../B" in dict(error_of(write(tmp_path, text.replace("[A, B]", "[A, ../B]"))).problems)
