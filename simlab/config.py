@@ -10,7 +10,8 @@ dataclass that returns ``(field, message)`` pairs. A text field may name values 
 
 YAML is parsed with a ``SafeLoader`` subclass: no object-constructing tags, a size limit on the file,
 and a limit on the *expanded* size of the document, so alias bombs ("billion laughs") are refused
-before anything walks them. Numbers with an exponent and no dot (``1e-3``) are floats, as in YAML 1.2
+before anything walks them. A key written twice in one mapping is an error naming both lines (PyYAML
+would keep the last silently). Numbers with an exponent and no dot (``1e-3``) are floats, as in YAML 1.2
 and on the command line (YAML 1.1 reads them as text).
 """
 
@@ -48,6 +49,20 @@ class _BoundedSafeLoader(yaml.SafeLoader):
         node = super().compose_document()
         _check_expanded_size(node)
         return node
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        """A key written twice in one mapping is an error (PyYAML keeps the last silently)."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = key_node.value, key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 # YAML 1.1 (PyYAML) reads a float only with a dot, so ``lr: 1e-3`` would be the text "1e-3" while

@@ -148,6 +148,15 @@ def test_a_float_written_with_an_exponent_and_no_dot_is_a_number_in_files_too(tm
     assert "federation.lr" in dict(error_of(write(tmp_path, quoted)).problems)  # quoted: text, as written
 
 
+def test_a_key_written_twice_in_one_mapping_is_refused_with_both_lines(tmp_path, capsys):
+    from simlab.cli import main
+
+    path = write(tmp_path, GOOD.replace("federation: {rounds: 4}", "federation:\n  rounds: 4\n  lr: 0.1\n  rounds: 8"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate key 'rounds' (lines 13 and 15)" in err and str(path) in err
+
+
 def test_domain_names_that_reach_file_names_are_refused(tmp_path):
     text = GOOD.replace("  B: {scanner: {contrast: inverted}}", "  ../B: {scanner: {contrast: inverted}}")
     assert "domains.../B" in dict(error_of(write(tmp_path, text.replace("[A, B]", "[A, ../B]"))).problems)
