@@ -19,13 +19,12 @@ also the paper's), λ_o = 1 (the paper's loss balance weight). No state is kept 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from simlab.continual.method import Method
+from simlab.continual.method import DistilsReceivedModel
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def distillation(logits: torch.Tensor, old_logits: torch.Tensor, temperature: fl
     return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
 
 
-class LwF(Method):
+class LwF(DistilsReceivedModel):
     name = "lwf"
     help = "Learning without Forgetting: distil the received model's predictions"
     family = "distillation"
@@ -49,20 +48,8 @@ class LwF(Method):
 
     def __init__(self, params: LwfParams | None = None):
         super().__init__(params or LwfParams())
-        self._teacher: torch.nn.Module | None = None
-
-    def before_training(self, model, state, cfg):
-        self._teacher = copy.deepcopy(model).eval()
-        for p in self._teacher.parameters():
-            p.requires_grad_(False)
 
     def loss_term(self, model, x, y, logits):
         if self.params.weight == 0.0:
             return None
-        with torch.no_grad():
-            old = self._teacher(x)
-        return self.params.weight * distillation(logits, old, self.params.temperature)
-
-    def after_round(self, model, images, labels, rounds, state, cfg, seed):
-        self._teacher = None
-        return {}
+        return self.params.weight * distillation(logits, self.teacher_logits(x), self.params.temperature)

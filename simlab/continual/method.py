@@ -33,6 +33,7 @@ A method never reads a window's true domain: it gets images and labels only.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,3 +109,25 @@ class Method:
         self.before_training(model, state, cfg)
         metrics = train_local(model, images, labels, cfg, seed, augment=augment, hooks=self)
         return LocalResult(metrics, self.after_round(model, images, labels, rounds, state, cfg, seed))
+
+
+class DistilsReceivedModel(Method):
+    """A method that distils the model the hospital received this round (LwF, MiB, PLOP): a frozen
+    copy of it, taken before the first step, is the teacher (``self._teacher``), dropped after the round."""
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        self._teacher: torch.nn.Module | None = None
+
+    def before_training(self, model, state, cfg):
+        self._teacher = copy.deepcopy(model).eval()
+        for p in self._teacher.parameters():
+            p.requires_grad_(False)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._teacher(x)
+
+    def after_round(self, model, images, labels, rounds, state, cfg, seed):
+        self._teacher = None
+        return {}

@@ -54,14 +54,13 @@ No state is kept between rounds.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from simlab.continual.method import Method
+from simlab.continual.method import DistilsReceivedModel
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ def plain_kd(logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
     return -(F.softmax(old_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-class MiB(Method):
+class MiB(DistilsReceivedModel):
     name = "mib"
     help = "Modeling the Background (domain-incremental: CE + λ_kd·distillation of the received model)"
     family = "distillation"
@@ -112,21 +111,9 @@ class MiB(Method):
 
     def __init__(self, params: MibParams | None = None):
         super().__init__(params or MibParams())
-        self._teacher: torch.nn.Module | None = None
-
-    def before_training(self, model, state, cfg):
-        self._teacher = copy.deepcopy(model).eval()
-        for p in self._teacher.parameters():
-            p.requires_grad_(False)
 
     def loss_term(self, model, x, y, logits):
         if self.params.kd_weight == 0.0:
             return None
-        with torch.no_grad():
-            old = self._teacher(x)
         # the class set is the same before and after: unbiased_kd(logits, old) == plain_kd(logits, old)
-        return self.params.kd_weight * plain_kd(logits, old)
-
-    def after_round(self, model, images, labels, rounds, state, cfg, seed):
-        self._teacher = None
-        return {}
+        return self.params.kd_weight * plain_kd(logits, self.teacher_logits(x))

@@ -46,7 +46,6 @@ Defaults: λ_pod = 0.01 (``pod_lambda`` of Lifelong-nnU-Net's ``nnUNetTrainerPLO
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.layers.simplelayers import SkipConnection
 
-from simlab.continual.method import Method
+from simlab.continual.method import DistilsReceivedModel
 
 MIN_THRESHOLD = 0.001  # PLOP's floor for the per-class entropy threshold
 
@@ -158,7 +157,7 @@ class _Capture:
             h.remove()
 
 
-class PLOP(Method):
+class PLOP(DistilsReceivedModel):
     name = "plop"
     help = "PLOP: local POD distillation of the received model's features (+ its pseudo-labels on unlabelled images)"
     family = "distillation"
@@ -166,7 +165,7 @@ class PLOP(Method):
 
     def __init__(self, params: PlopParams | None = None):
         super().__init__(params or PlopParams())
-        self._teacher = self._new = self._old = None
+        self._new = self._old = None
         self._unlabelled: np.ndarray | None = None
         self._seed = 0
         self._pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -179,9 +178,7 @@ class PLOP(Method):
         return images, labels, rounds
 
     def before_training(self, model, state, cfg):
-        self._teacher = copy.deepcopy(model).eval()
-        for p in self._teacher.parameters():
-            p.requires_grad_(False)
+        super().before_training(model, state, cfg)
         names = unet_blocks(model)
         self._new, self._old = _Capture(model, names), _Capture(self._teacher, names)
         self._pseudo, self._batch = None, cfg.batch_size
@@ -219,5 +216,5 @@ class PLOP(Method):
     def after_round(self, model, images, labels, rounds, state, cfg, seed):
         self._new.remove()
         self._old.remove()
-        self._teacher = self._new = self._old = self._pseudo = self._unlabelled = None
-        return {}
+        self._new = self._old = self._pseudo = self._unlabelled = None
+        return super().after_round(model, images, labels, rounds, state, cfg, seed)
