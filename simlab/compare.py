@@ -326,12 +326,13 @@ def settings_diff(a: RunInfo, b: RunInfo, limit: int = 8) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- rendering
-def fmt_stat(s: Stat | None, spec: MetricSpec) -> str:
+def fmt_stat(s: Stat | None, spec: MetricSpec, signed: bool = False) -> str:
+    """``mean ± std (n)`` (the mean alone for one run); ``signed``: with its sign (a difference)."""
     if s is None:
         return ""
     if s.mean is None:
         return "n/a"
-    text = f"{s.mean / spec.scale:.{spec.digits}f}"
+    text = f"{s.mean / spec.scale:{'+' if signed else ''}.{spec.digits}f}"
     if s.n > 1:
         text += f" ± {s.std / spec.scale:.{spec.digits}f} ({s.n})"
     return text
@@ -420,14 +421,9 @@ def paired_differences(group: Group, baseline: str) -> dict[str, dict[str, Stat]
     return out
 
 
-def fmt_diff(s: Stat | None, spec: MetricSpec) -> str:
-    """A paired difference: signed mean ± std (n)."""
-    if s is None:
-        return ""
-    if s.mean is None:
-        return "n/a"
-    text = f"{s.mean / spec.scale:+.{spec.digits}f}"
-    return text + (f" ± {s.std / spec.scale:.{spec.digits}f} ({s.n})" if s.n > 1 else "")
+def metric_label(m: MetricSpec) -> str:
+    """The metric's row label with its better direction, e.g. ``ACC ↑``."""
+    return m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction]
 
 
 def paired_tables(groups: list[Group], baseline: str) -> list:
@@ -438,10 +434,10 @@ def paired_tables(groups: list[Group], baseline: str) -> list:
     for g in groups:
         diffs = paired_differences(g, baseline)
         present = [m for m in METRICS if any(m.key in d for d in diffs.values())]
-        columns = [(escape(arm), [fmt_diff(d.get(m.key), m) for m in present]) for arm, d in diffs.items()]
-        labels = [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
+        columns = [(escape(arm), [fmt_stat(d.get(m.key), m, signed=True) for m in present])
+                   for arm, d in diffs.items()]
         tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}]: arm − {baseline}, paired by seed, "
-                                      "mean ± std (n)"), "metric (pooled)", labels, columns)
+                                      "mean ± std (n)"), "metric (pooled)", [metric_label(m) for m in present], columns)
     return tables
 
 
@@ -471,7 +467,7 @@ def comparison_tables(groups: list[Group]) -> list:
         columns = [(escape(arm + reference_mark(g.meta.get(arm, {}))),
                     [family_of(g.meta.get(arm, {}))] + [fmt_stat(stats.get(m.key), m) for m in present])
                    for arm, stats in g.stats.items()]
-        labels = ["family"] + [m.label + {"higher": " ↑", "lower": " ↓", "either": ""}[m.direction] for m in present]
+        labels = ["family"] + [metric_label(m) for m in present]
         seeds = ",".join(str(s) for s in g.seeds)
         tables += side_by_side(escape(f"{g.scenario} [{g.fingerprint or '?'}] seeds {seeds}: mean ± std (n runs)"),
                                "metric (pooled)", labels, columns,

@@ -79,11 +79,10 @@ class AdamParams:
 
 
 @dataclass(frozen=True)
-class YogiParams:
+class YogiParams(AdamParams):
+    """FedAdam's parameters with Flower's FedYogi default η."""
+
     eta: float = field(default=1e-2, metadata={"gt": 0.0, "help": "server learning rate η (Flower's FedYogi: 0.01)"})
-    beta_1: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "momentum β₁ (Flower: 0.9)"})
-    beta_2: float = field(default=0.99, metadata={"ge": 0.0, "lt": 1.0, "help": "second-moment decay β₂ (Flower: 0.99)"})
-    tau: float = field(default=1e-3, metadata={"gt": 0.0, "help": "adaptivity τ in √v + τ (Flower: 1e-3)"})
 
 
 @dataclass(frozen=True)
