@@ -52,6 +52,10 @@ def _describe(self) -> str:
     return DRIFTS[self.type].describe(self)
 
 
+def _round_problems(self, last: int) -> list[tuple[str, str]]:
+    return DRIFTS[self.type].round_problems(self, last)
+
+
 DriftSpec = assemble(
     "DriftSpec",
     "How a hospital's domain changes over rounds (the methods are never told). "
@@ -65,7 +69,8 @@ DriftSpec = assemble(
         *[f for c in DRIFTS.values() for f in c.fields],
     ],
     {},
-    namespace={"check": _check, "referenced_domains": _referenced_domains, "describe": _describe},
+    namespace={"check": _check, "referenced_domains": _referenced_domains, "describe": _describe,
+               "round_problems": _round_problems},
 )
 
 

@@ -164,15 +164,12 @@ class Scenario(DerivedFacts):
         for d in h.drift.referenced_domains():
             if d not in self.domains:
                 p.append((f"hospitals[{i}].drift", f"unknown domain {d!r} (named domains: {', '.join(self.domains)})"))
-        if h.drift.type == "abrupt" and h.drift.at and h.drift.at[-1] > last:
-            p.append((f"hospitals[{i}].drift.at", f"switch round {h.drift.at[-1]} is after the last round ({last})"))
+        p += [(f"hospitals[{i}].drift.{key}", msg) for key, msg in h.drift.round_problems(last)]
         if (self.data.source == "nifti" and h.drift.type == "gradual" and h.drift.mode == "interpolate"
                 and all(d in self.domains for d in h.drift.domains)
                 and len({self.domains[d].dataset for d in h.drift.domains}) > 1):
             p.append((f"hospitals[{i}].drift.mode",
                       "interpolation between real-data domains needs both to read the same dataset; use mode 'mix'"))
-        if h.drift.type in ("gradual", "population", "shifting") and h.drift.start > last:
-            p.append((f"hospitals[{i}].drift.start", f"start {h.drift.start} is after the last round ({last})"))
         return p
 
     def _domain_problems(self, name: str, dom) -> list[tuple[str, str]]:

@@ -23,6 +23,12 @@ class Abrupt(DriftType):
         return []
 
     @staticmethod
+    def round_problems(spec, last):
+        if spec.at and spec.at[-1] > last:
+            return [("at", f"switch round {spec.at[-1]} is after the last round ({last})")]
+        return []
+
+    @staticmethod
     def describe(spec):
         return ", then ".join([spec.domains[0]] + [f"{d} from round {r}" for d, r in zip(spec.domains[1:], spec.at)])
 

@@ -66,7 +66,24 @@ class DriftType:
     def referenced_domains(spec) -> list[str]:
         return list(spec.domains)
 
+    @staticmethod
+    def round_problems(spec, last: int) -> list[tuple[str, str]]:
+        """``(key, message)`` for a schedule that changes after the stream's last round ``last``."""
+        return []
+
     @classmethod
     def describe(cls, spec) -> str:
         """The schedule in words, for the report and the run's story (e.g. ``A, then B from round 4``)."""
         return f"{cls.name}: {' → '.join(spec.domains)}"
+
+
+class SpanDrift(DriftType):
+    """A change between ``start`` and ``end`` (gradual, population, shifting)."""
+
+    @staticmethod
+    def span_problems(spec) -> list[tuple[str, str]]:
+        return [] if spec.end > spec.start else [("end", f"expected end > start ({spec.start}), found {spec.end}")]
+
+    @staticmethod
+    def round_problems(spec, last):
+        return [("start", f"start {spec.start} is after the last round ({last})")] if spec.start > last else []

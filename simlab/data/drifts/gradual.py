@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Literal
 
-from simlab.data.drifts.base import DriftType, WindowPlan, ramp
+from simlab.data.drifts.base import SpanDrift, WindowPlan, ramp
 
 
-class Gradual(DriftType):
+class Gradual(SpanDrift):
     name = "gradual"
     help = "``domains[0]`` to ``domains[1]`` between ``start`` and ``end``, mixed or interpolated"
     fields = [("mode", Literal["mix", "interpolate"], field(
@@ -21,9 +21,7 @@ class Gradual(DriftType):
         p = []
         if len(spec.domains) != 2:
             p.append(("domains", f"gradual drift goes from one domain to another: 2 domains, found {len(spec.domains)}"))
-        if spec.end <= spec.start:
-            p.append(("end", f"expected end > start ({spec.start}), found {spec.end}"))
-        return p
+        return p + SpanDrift.span_problems(spec)
 
     @staticmethod
     def describe(spec):

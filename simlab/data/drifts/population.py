@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import field
 
-from simlab.data.drifts.base import DriftType, WindowPlan, ramp
+from simlab.data.drifts.base import SpanDrift, WindowPlan, ramp
 
 
-class Population(DriftType):
+class Population(SpanDrift):
     name = "population"
     help = "a mixture of cohorts whose weights move linearly between ``start`` and ``end``"
     fields = [

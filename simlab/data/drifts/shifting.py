@@ -8,10 +8,10 @@ growing linearly. Two domains are the ``gradual`` drift's ``mix`` mode."""
 
 from __future__ import annotations
 
-from simlab.data.drifts.base import DriftType, WindowPlan
+from simlab.data.drifts.base import SpanDrift, WindowPlan
 
 
-class Shifting(DriftType):
+class Shifting(SpanDrift):
     name = "shifting"
     help = "``domains[0]`` → … → ``domains[-1]`` between ``start`` and ``end``, neighbours mixed linearly"
     fields = []
@@ -21,9 +21,7 @@ class Shifting(DriftType):
         p = []
         if len(spec.domains) < 2:
             p.append(("domains", f"a shifting source moves through at least 2 domains, found {len(spec.domains)}"))
-        if spec.end <= spec.start:
-            p.append(("end", f"expected end > start ({spec.start}), found {spec.end}"))
-        return p
+        return p + SpanDrift.span_problems(spec)
 
     @staticmethod
     def describe(spec):
