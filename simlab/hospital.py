@@ -102,7 +102,7 @@ class Hospital:
         device = self.device()
         model = self.model(state, device, private)
         entry = self.window_entry(model, t, device) if want_entry else None
-        dice = {"window_dice": self.window_dice(state, t)} if want_dice else {}
+        dice = {"window_dice": self._window_dice(model, t, device)} if want_dice else {}
         method_state = {k: v for k, v in private.items() if not k.startswith(NORM)}
         result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
                                           seed=self._seed("train", t), augment=self._augmenter(bank, t),
@@ -163,8 +163,11 @@ class Hospital:
     def window_dice(self, state: State, t: int) -> float:
         """DiceEx: mean Dice of the received model on round t's labelled window, before training."""
         device = self.device()
+        return self._window_dice(self.model(state, device), t, device)
+
+    def _window_dice(self, model: torch.nn.Module, t: int, device) -> float:
         w = self.stream.window(t)
-        pred = predict(self.model(state, device), w.images[w.labeled], self.task.evaluation.batch_size, device)
+        pred = predict(model, w.images[w.labeled], self.task.evaluation.batch_size, device)
         target = torch.from_numpy(w.labels[w.labeled].astype(np.int64))
         return float(dice_per_class(pred, target, self.task.num_classes).mean())
 
