@@ -9,6 +9,11 @@ raised here as a Python exception instead of a "finished:failed" status behind a
 (3) no FAB is packed from the working tree (which would sweep up run directories and caches) and no
 local SuperLink process and port have to be managed per run. Flower is pinned to 1.41.0, where it
 is present. Moving to ``flwr run`` changes this file only; the deployment path uses the same apps.
+
+Every run of one process shares one Ray start and one pool of ClientApp actors
+(:mod:`simlab.engine.ray_session`). Ray is started on this machine with all its cores, or, with
+``engine.ray_address`` (else the ``RAY_ADDRESS`` variable Ray itself reads), the run connects to a
+Ray cluster that is already running and Flower places the virtual hospitals on all its nodes.
 """
 
 from __future__ import annotations
@@ -20,13 +25,32 @@ import warnings
 import torch
 
 from simlab.checkpoint import HOSPITAL_STATE
+from simlab.engine.ray_session import shared_ray
 from simlab.federated.client_app import app as client_app
 from simlab.federated.server_app import make_server_app
 from simlab.runlog import RunLog
 from simlab.scenario.schema import Scenario
 
 
+def ray_address(scenario: Scenario) -> str | None:
+    """The Ray cluster to run on: ``engine.ray_address``, else ``$RAY_ADDRESS``; None: start one here."""
+    return scenario.engine.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def ray_init_args(scenario: Scenario, resources: dict[str, float]) -> dict:
+    """``ray.init`` keywords: a local Ray sized to this machine, or a connection to a running cluster
+    (whose size is its own: Ray refuses CPU and GPU counts then)."""
+    quiet = {"logging_level": "ERROR", "log_to_driver": False, "include_dashboard": False}
+    address = ray_address(scenario)
+    if address:
+        return {"address": address, **quiet}
+    n_gpus = torch.cuda.device_count() if resources["num_gpus"] > 0 else 0
+    return {"num_cpus": os.cpu_count() or 1, "num_gpus": n_gpus, **quiet}
+
+
 def client_resources(scenario: Scenario) -> dict[str, float]:
+    """Resources Ray reserves per virtual hospital. On this machine the CPU share is capped at its core
+    count (a larger one would fit no actor); a cluster's nodes may be larger, so it is not capped."""
     eng = scenario.engine
     gpus = eng.gpus_per_client
     use_cuda = eng.device == "cuda" or (eng.device == "auto" and torch.cuda.is_available())
@@ -34,7 +58,8 @@ def client_resources(scenario: Scenario) -> dict[str, float]:
         gpus = round(1.0 / len(scenario.hospitals), 4) if use_cuda else 0.0
     if gpus > 0 and not torch.cuda.is_available():
         raise RuntimeError("engine.gpus_per_client > 0 but torch sees no CUDA device (Ray would start no client)")
-    return {"num_cpus": min(eng.cpus_per_client, float(os.cpu_count() or 1)), "num_gpus": gpus}
+    cpus = eng.cpus_per_client if ray_address(scenario) else min(eng.cpus_per_client, float(os.cpu_count() or 1))
+    return {"num_cpus": cpus, "num_gpus": gpus}
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -65,16 +90,12 @@ def simulate(scenario: Scenario, runlog: RunLog, *, resume: bool = False) -> Non
     from flwr.simulation import run_simulation
 
     resources = client_resources(scenario)
-    n_gpus = torch.cuda.device_count() if resources["num_gpus"] > 0 else 0
-    backend_config = {
-        "client_resources": resources,
-        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": n_gpus, "logging_level": "ERROR",
-                      "log_to_driver": False, "include_dashboard": False},
-    }
-    run_simulation(
-        server_app=make_server_app(scenario, runlog, resume=resume,
-                                   hospital_state_dir=str((runlog.run_dir / HOSPITAL_STATE).resolve())),
-        client_app=client_app,
-        num_supernodes=len(scenario.hospitals),
-        backend_config=backend_config,
-    )
+    init_args = ray_init_args(scenario, resources)
+    with shared_ray(init_args):
+        run_simulation(
+            server_app=make_server_app(scenario, runlog, resume=resume,
+                                       hospital_state_dir=str((runlog.run_dir / HOSPITAL_STATE).resolve())),
+            client_app=client_app,
+            num_supernodes=len(scenario.hospitals),
+            backend_config={"client_resources": resources, "init_args": init_args},
+        )

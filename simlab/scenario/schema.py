@@ -80,6 +80,9 @@ class EngineSpec:
     gpus_per_client: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0,
                                                                   "help": "GPU share per hospital (default: 1/hospitals on a GPU machine)"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic torch algorithms"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "address of a running Ray cluster to simulate on (`ray start --head` prints it; 'auto': the "
+                "one on this machine); default: $RAY_ADDRESS if set, else Ray is started on this machine"})
 
 
 @dataclass(frozen=True)
