@@ -161,33 +161,28 @@ def main(argv: list[str] | None = None) -> int:
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
     from simlab.rundir import RunDirError
-    from simlab.runner import data_items, run_scenario
     from simlab.config import ScenarioError
-    from simlab.scenario.schema import load_scenario
+    from simlab.interrupt import Interrupted, handle_signals
 
     console = Console(stderr=False)
     err = Console(stderr=True)
-    resume, seeds = getattr(args, "resume", None), getattr(args, "seeds", None)
     problem = _argument_problem(args)
     if problem:
         err.print(f"error: {problem}")
         return 2
     try:
-        if resume is not None:
-            return _resume(resume, args, console, err)
-        if seeds is not None:
-            return _sweep(parse_seeds(seeds), args, console, err)
-        loaded = load_scenario(args.scenario, args.overrides, args.seed, getattr(args, "out", None))
-        if args.command == "validate":
-            arms = ", ".join(f"{n} ({s.continual.method}, {s.federation.aggregation.rule})" for n, s in loaded.arms.items())
-            sc = loaded.base
-            console.print(f"{args.scenario}: valid. {len(sc.hospitals)} hospitals, {len(sc.domains)} domains, "
-                          f"{sc.federation.rounds} rounds; arms: {arms}")
-            return 0
-        with Progress(console, enabled=not args.quiet) as progress:
-            progress.start_data(data_items(loaded))
-            run_dir, summary = run_scenario(loaded, progress)
-        return _finish(console, summary, run_dir, args)
+        with handle_signals():
+            return _run_command(args, console, err)
+    except Interrupted as exc:
+        where = getattr(exc, "run_dir", None)
+        if where is None:
+            err.print(f"{exc}", highlight=False, markup=False)
+        else:
+            again = ("run the same command again" if getattr(args, "seeds", None) is not None
+                     else f"simlab run --resume {where}")
+            err.print(f"{exc}: {where} is marked FAILED at its last completed round; to continue: {again}",
+                      highlight=False, markup=False)
+        return exc.exit_code
     except ScenarioError as exc:
         err.print("[red]invalid scenario[/red]")
         err.print(str(exc), highlight=False, markup=False)
@@ -195,6 +190,29 @@ def main(argv: list[str] | None = None) -> int:
     except (NiftiDataError, RunDirError, CheckpointError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+
+
+def _run_command(args, console, err) -> int:
+    """``simlab run`` / ``simlab validate`` once the arguments are known to fit together."""
+    from simlab.runner import data_items, run_scenario
+    from simlab.scenario.schema import load_scenario
+
+    resume, seeds = getattr(args, "resume", None), getattr(args, "seeds", None)
+    if resume is not None:
+        return _resume(resume, args, console, err)
+    if seeds is not None:
+        return _sweep(parse_seeds(seeds), args, console, err)
+    loaded = load_scenario(args.scenario, args.overrides, args.seed, getattr(args, "out", None))
+    if args.command == "validate":
+        arms = ", ".join(f"{n} ({s.continual.method}, {s.federation.aggregation.rule})" for n, s in loaded.arms.items())
+        sc = loaded.base
+        console.print(f"{args.scenario}: valid. {len(sc.hospitals)} hospitals, {len(sc.domains)} domains, "
+                      f"{sc.federation.rounds} rounds; arms: {arms}")
+        return 0
+    with Progress(console, enabled=not args.quiet) as progress:
+        progress.start_data(data_items(loaded))
+        run_dir, summary = run_scenario(loaded, progress)
+    return _finish(console, summary, run_dir, args)
 
 
 def _argument_problem(args) -> str | None:

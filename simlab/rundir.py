@@ -229,6 +229,7 @@ def run_arms(run_dir: Path, loaded: LoadedScenario, run_arm: Callable[[str, Scen
         return write_results(run_dir, loaded, wall)
     except BaseException as exc:
         mark_failed(run_dir, exc)
+        exc.run_dir = run_dir  # for the message of a stopped run (simlab.interrupt)
         raise
 
 

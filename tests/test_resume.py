@@ -197,42 +197,83 @@ def _rounds(run_dir: Path) -> list[tuple[str, int]]:
     return [(c["arm"], c["round"]) for c in map(json.loads, path.read_text().splitlines()) if c]
 
 
-@pytest.mark.flower
-def test_killed_run_resumes_to_identical_metrics(tmp_path, capsys):
-    """The `simlab run` process group is SIGKILLed once ewc (the second arm, whose hospitals keep a
-    Fisher between rounds and whose server keeps FedAdam's m and v) has logged round 2; `simlab run
-    --resume` keeps the completed odex arm, continues ewc from its last checkpoint, and the files end
-    as an uninterrupted run's (every evaluated round's Dice rows would show a lost Fisher, m or v)."""
-    scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(TINY.format(cache=tmp_path / "cache"))
-    ref, cut = tmp_path / "uninterrupted", tmp_path / "killed"
-    assert main(["run", str(scenario), "--out", str(ref), "--quiet", "--no-report"]) == 0
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny scenario (its file) and its run without interruption, to compare resumed runs with."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    scenario = root / "tiny.yaml"
+    scenario.write_text(TINY.format(cache=root / "cache"))
+    assert main(["run", str(scenario), "--out", str(root / "run"), "--quiet", "--no-report"]) == 0
+    return scenario, root / "run"
 
-    proc = subprocess.Popen([sys.executable, "-m", "simlab.cli", "run", str(scenario), "--out", str(cut), "--quiet",
+
+def _start(scenario: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "simlab.cli", "run", str(scenario), "--out", str(out), "--quiet",
                              "--no-report"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    try:
-        while ("ewc", 2) not in _rounds(cut):
-            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it could be killed"
-            assert time.monotonic() < deadline, "round 2 of ewc never came"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert ("ewc", 5) not in _rounds(cut) and not (cut / "summary.json").exists()
-    assert read_meta(checkpoint_path(cut, "odex"))["round"] == 5 and read_meta(checkpoint_path(cut, "ewc"))["round"] >= 1
-    assert any((cut / "hospital-state").rglob("round-*.npz"))  # the hospitals' Fisher, saved on "their" disk
+                            stderr=subprocess.PIPE, text=True)
 
+
+def _wait_for(proc: subprocess.Popen, run_dir: Path, arm_round: tuple[str, int]) -> None:
+    deadline = time.monotonic() + 600
+    while arm_round not in _rounds(run_dir):
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {arm_round}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{arm_round} never came"
+        time.sleep(0.02)
+
+
+def _resumes_to(cut: Path, ref: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["run", "--resume", str(cut), "--quiet", "--no-report"]) == 0
     assert "resuming" in capsys.readouterr().out
     assert (cut / "metrics.jsonl").read_bytes() == (ref / "metrics.jsonl").read_bytes()
     assert _rounds(cut) == _rounds(ref)  # every round once, in order
     assert not (cut / "FAILED").exists() and not (cut / "hospital-state").exists()
+
+
+@pytest.mark.flower
+def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, capsys):
+    """The `simlab run` process group is SIGKILLed once ewc (the second arm, whose hospitals keep a
+    Fisher between rounds and whose server keeps FedAdam's m and v) has logged round 2; `simlab run
+    --resume` keeps the completed odex arm, continues ewc from its last checkpoint, and the files end
+    as an uninterrupted run's (every evaluated round's Dice rows would show a lost Fisher, m or v)."""
+    scenario, ref = uninterrupted
+    cut = tmp_path / "killed"
+    proc = _start(scenario, cut)
+    try:
+        _wait_for(proc, cut, ("ewc", 2))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert ("ewc", 5) not in _rounds(cut) and not (cut / "summary.json").exists()
+    assert read_meta(checkpoint_path(cut, "odex"))["round"] == 5 and read_meta(checkpoint_path(cut, "ewc"))["round"] >= 1
+    assert any((cut / "hospital-state").rglob("round-*.npz"))  # the hospitals' Fisher, saved on "their" disk
+    _resumes_to(cut, ref, capsys)
     a, b = (json.loads((d / "summary.json").read_text())["arms"] for d in (cut, ref))
     assert a["ewc"]["acc"] == b["ewc"]["acc"] and a["odex"]["pool"] == b["odex"]["pool"]
     assert a["ewc"]["server_optimizer"] == "adam"
+
+
+@pytest.mark.flower
+def test_one_sigint_stops_a_run_cleanly_and_it_resumes(uninterrupted, tmp_path, capsys):
+    """One SIGINT (Ctrl-C) to `simlab run` while the odex arm trains: the process exits by itself with
+    130, says where the run is and how to continue, prints no traceback, leaves FAILED naming the
+    signal; `--resume` then ends with an uninterrupted run's files."""
+    scenario, ref = uninterrupted
+    cut = tmp_path / "stopped"
+    proc = _start(scenario, cut)
+    try:
+        _wait_for(proc, cut, ("odex", 2))
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGINT" in stderr and f"simlab run --resume {cut}" in " ".join(stderr.split())
+    assert "Traceback" not in stderr, stderr
+    assert (cut / "FAILED").read_text().strip() == "Interrupted: stopped by SIGINT"
+    assert ("ewc", 1) not in _rounds(cut)
+    _resumes_to(cut, ref, capsys)
 
 
 def test_resume_command_line_errors(tmp_path, capsys):

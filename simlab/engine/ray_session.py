@@ -31,6 +31,8 @@ import ray
 from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
+from simlab import interrupt
+
 log = logging.getLogger("simlab")
 
 _pool: tuple[str, BasicActorPool] | None = None  # (client resources as JSON, the idle pool)
@@ -64,6 +66,10 @@ def _drop_pool() -> None:
 
 class SharedRayBackend(raybackend.RayBackend):
     """Flower's Ray backend, keeping Ray and an idle actor pool for the next run (module docstring)."""
+
+    def init_ray(self, backend_config) -> None:
+        super().init_ray(backend_config)
+        interrupt.reinstall()  # ray.init replaced the driver's SIGTERM handler with sys.exit
 
     def build(self, app_fn) -> None:
         global _pool

@@ -74,6 +74,7 @@ def _quiet_flower() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # else SIGTERM dumps C++ stacks and aborts
     flwr_log = logging.getLogger("flwr")
     flwr_log.setLevel(logging.WARNING)
     if not any(isinstance(f, _DropDeprecationNotice) for f in flwr_log.filters):

@@ -1,4 +1,4 @@
-"""The federation of one arm: orchestrates rounds with Flower's Message API (Grid.send_and_receive).
+"""The federation of one arm: orchestrates rounds with Flower's Message API (Grid push/pull).
 
 A round: sample hospitals (seeded, then ordered by hospital id) → send each the global model and its
 part of the scenario (``train``) → aggregate the replies in hospital-id order, whatever order they
@@ -30,6 +30,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from simlab import interrupt
 from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
 from simlab.continual.registry import method_class
 from simlab.data.drift import true_domains
@@ -66,9 +67,33 @@ def evaluation_rounds(scenario: Scenario) -> list[int]:
     return sorted(rounds)
 
 
+PULL_INTERVAL_S = 0.1
+"""Seconds between pulls for replies: Flower's in-memory (simulation) grid's own interval. Its HTTP grid
+(a deployment's ServerApp, pulling from the SuperLink on the same machine) sleeps 3 s, which added up
+to 3 s to every message exchange of a deployed round."""
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """``Grid.send_and_receive`` (push, then pull every :data:`PULL_INTERVAL_S` until every reply is in
+    or ``timeout`` passed), stopping as soon as the run is asked to stop (:mod:`simlab.interrupt`):
+    Flower's own loop would keep the ServerApp waiting, and the process alive, after a Ctrl-C."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while True:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            return replies
+        interrupt.check()
+        time.sleep(PULL_INTERVAL_S)
+
+
 def wait_for_nodes(grid: Grid, n: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
+        interrupt.check()
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= n:
             return nodes
@@ -116,7 +141,7 @@ class Federation:
         enc = codec.Encoder()
         msgs = [Message(codec.encode(requests[h], enc), dst_node_id=self.node_of[h], message_type=kind)
                 for h in targets]
-        replies = self.grid.send_and_receive(msgs, timeout=self.timeout)
+        replies = send_and_receive(self.grid, msgs, self.timeout)
         by_node = {self.node_of[h]: h for h in targets}
         out = {}
         for reply in replies:
@@ -130,7 +155,7 @@ class Federation:
         ask = codec.encode(codec.Identify(self.ids, self.state_config()))
         msgs = [Message(ask, dst_node_id=n, message_type=codec.IDENTIFY) for n in nodes]
         self.node_of: dict[str, int] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+        for reply in send_and_receive(self.grid, msgs, self.timeout):
             if reply.has_error():
                 raise FederationError(f"node {reply.metadata.src_node_id} could not identify its hospital: "
                                       f"{reply.error.reason}")
