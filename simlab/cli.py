@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
+    from simlab.engine.flwr_config import DeploymentError
     from simlab.rundir import RunDirError
     from simlab.runner import data_items, run_scenario
     from simlab.config import ScenarioError
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NiftiDataError, RunDirError, CheckpointError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+    except DeploymentError as exc:  # a Flower run (engine.launcher: flwr-run) that did not complete
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        return 1
 
 
 def _argument_problem(args) -> str | None:
