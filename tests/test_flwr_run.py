@@ -141,6 +141,8 @@ def test_launcher_is_validated_and_left_out_of_the_fingerprint(tmp_path):
     with pytest.raises(ScenarioError, match=r"engine\.cpus_per_client.*whole CPU cores"):
         load_scenario(path, ["engine.launcher=flwr-run", "engine.cpus_per_client=0.5"])
     assert load_scenario(path, ["engine.cpus_per_client=0.5"]).base.engine.cpus_per_client == 0.5
+    with pytest.raises(ScenarioError, match=r"engine\.ray_address.*in-process"):
+        load_scenario(path, ["engine.launcher=flwr-run", "engine.ray_address=auto"])
 
 
 def test_federation_config_gives_flower_what_the_in_process_launcher_gives_ray(tmp_path):
@@ -199,13 +201,23 @@ def _superlinks_below_us() -> list[int]:
     return found
 
 
+def _no_ray_kept_here() -> None:
+    """Stop the Ray that in-process runs of this test process keep for the next arm: the simulation
+    process of ``flwr run`` starts a Ray of its own, whose raylet gets 30 s (fixed in Ray) to register,
+    which a busy 2-core machine running both can miss."""
+    from simlab.engine.ray_session import shutdown
+
+    shutdown()
+
+
 @pytest.mark.flower
 def test_flwr_run_and_in_process_give_byte_identical_metrics(tmp_path):
     from simlab.runner import run_scenario
 
     path = _tiny(tmp_path)
     dirs, summaries, progress = {}, {}, {}
-    for launcher in ("in-process", "flwr-run"):
+    _no_ray_kept_here()
+    for launcher in ("flwr-run", "in-process"):
         progress[launcher] = _Progress()
         loaded = load_scenario(path, [f"engine.launcher={launcher}"], out=str(tmp_path / launcher))
         dirs[launcher], summaries[launcher] = run_scenario(loaded, progress[launcher])
@@ -244,6 +256,7 @@ def test_a_failing_server_app_under_flwr_run_fails_the_command(tmp_path, capsys)
     from simlab.cli import main
 
     out = tmp_path / "run"
+    _no_ray_kept_here()
     rc = main(["run", str(_tiny(tmp_path)), "--out", str(out), "--quiet", "--no-report",
                "--set", "engine.launcher=flwr-run", "--set", "federation.round_timeout_s=0.001"])
     err = capsys.readouterr().err

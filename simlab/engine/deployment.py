@@ -83,13 +83,13 @@ class Deployment:
 
     Another process can pick a deployment up from its state directory (``tools/deploy run/down``).
     ``cwd``: the working directory of every process started (default the state directory); ``env``:
-    extra environment variables for them; ``detach``: start them in a session of their own (a
-    deployment outlives the command that brought it up), else in the caller's process group, so
-    that a signal to the group reaches them too.
+    extra environment variables for them (None: unset it); ``detach``: start them in a session of
+    their own (a deployment outlives the command that brought it up), else in the caller's process
+    group, so that a signal to the group reaches them too.
     """
 
     def __init__(self, state_dir: str | Path, *, cwd: str | Path | None = None,
-                 env: Mapping[str, str] | None = None, detach: bool = True):
+                 env: Mapping[str, str | None] | None = None, detach: bool = True):
         self.state_dir = Path(state_dir).resolve()
         self.cwd = Path(cwd).resolve() if cwd is not None else self.state_dir
         self.extra_env = dict(env or {})
@@ -132,7 +132,11 @@ class Deployment:
         bindir = str(Path(sys.executable).parent)
         env.update(FLWR_HOME=str(self.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PATH=bindir + os.pathsep + env.get("PATH", ""), PYTHONUNBUFFERED="1")
-        env.update(self.extra_env)
+        for key, value in self.extra_env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         return env
 
     @staticmethod
@@ -389,7 +393,11 @@ class Deployment:
             finally:
                 if proc.poll() is None:
                     proc.terminate()
-                    proc.wait(10)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
         if on_poll is not None:
             on_poll()
         left = deadline - time.monotonic()

@@ -39,25 +39,30 @@ from simlab.scenario.schema import Scenario
 
 
 def federation_config(scenario: Scenario) -> dict[str, int | float | str | bool]:
-    """Flower's federation config for one arm: what the in-process launcher passes to Ray."""
+    """Flower's federation config for one arm: the client resources and the local Ray start the
+    in-process launcher gives Ray (:func:`simlab.engine.simulation.client_resources`, ``ray_init_args``)."""
     import torch
 
     from simlab.engine.simulation import client_resources
 
     res = client_resources(scenario)
+    cores = os.cpu_count() or 1
     return {"num-supernodes": len(scenario.hospitals),
-            "client-resources-num-cpus": int(res["num_cpus"]),
+            "client-resources-num-cpus": min(int(res["num_cpus"]), cores),
             "client-resources-num-gpus": float(res["num_gpus"]),
-            "init-args-num-cpus": os.cpu_count() or 1,
+            "init-args-num-cpus": cores,
             "init-args-num-gpus": torch.cuda.device_count() if res["num_gpus"] > 0 else 0,
             "init-args-logging-level": "ERROR",
             "init-args-log-to-driver": False}
 
 
-def _ray_env() -> dict[str, str]:
-    """Ray settings of the in-process launcher, for the simulation process the SuperLink starts."""
+def _ray_env() -> dict[str, str | None]:
+    """Ray settings of the in-process launcher, for the simulation process the SuperLink starts; Ray is
+    started on this machine (no ``RAY_ADDRESS``: Flower passes CPU and GPU counts, which a cluster
+    refuses)."""
     return {"RAY_DEDUP_LOGS": os.environ.get("RAY_DEDUP_LOGS", "0"),
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")}
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": os.environ.get("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0"),
+            "RAY_ADDRESS": None}
 
 
 class FlwrRunSimulation:
