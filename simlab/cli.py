@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
+    from simlab.engine.flwr_config import DeploymentError
     from simlab.rundir import RunDirError
     from simlab.config import ScenarioError
     from simlab.interrupt import Interrupted, handle_signals
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NiftiDataError, RunDirError, CheckpointError) as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         return 2
+    except DeploymentError as exc:  # a Flower run (engine.launcher: flwr-run) that did not complete
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        return 1
 
 
 def _run_command(args, console, err) -> int:

@@ -15,13 +15,14 @@ Run directory::
     FAILED               present only while the run has failed: the exception that ended it
     checkpoints/<arm>.npz  the latest checkpoint of each arm (see simlab.checkpoint)
     hospital-state/      simulation: the hospitals' saved method state, removed when an arm completes
-    flower-<arm>.log     deployment: the ``flwr log`` of each arm's Flower run
+    flower-<arm>.log     deployment and ``engine.launcher: flwr-run``: the Flower log of each arm's run
 
-Both engines (simulation, :mod:`simlab.runner`; deployment, :mod:`simlab.engine.deploy_run`) go
-through :func:`run_arms`, so they write the same files the same way; ``metrics.jsonl`` and
-``rounds.jsonl`` are appended by :class:`simlab.runlog.RunLog` inside the ServerApp. Every other file
-written here is written atomically (:mod:`simlab.fileio`). :func:`read_finished_run` and
-:func:`read_jsonl` read them back for ``simlab compare`` and ``simlab report``.
+Both engines (simulation, :mod:`simlab.runner`, with either launcher; deployment,
+:mod:`simlab.engine.deploy_run`) go through :func:`run_arms`, so they write the same files the same
+way; ``metrics.jsonl`` and ``rounds.jsonl`` are appended by :class:`simlab.runlog.RunLog` inside the
+ServerApp. Every other file written here is written atomically (:mod:`simlab.fileio`).
+:func:`read_finished_run` and :func:`read_jsonl` read them back for ``simlab compare`` and
+``simlab report``.
 
 No Flower here, and nothing heavy at import time: the scenario schema and the metric code (which
 import torch) are imported by the functions that need them, so reading a run stays fast.
@@ -377,12 +378,22 @@ def fingerprinted_settings(plain: dict, *, seed: bool = False) -> dict:
     """The part of a plain scenario (a resolved ``scenario.yaml``, or one arm's scenario as plain data)
     that :func:`settings_fingerprint` covers: everything but ``output`` (where results go, whether
     checkpoints are kept), ``description`` (prose), ``data.cache_dir`` (where generated data is cached;
-    the data are the same) and, unless ``seed``, ``seed``. The input is not changed."""
+    the data are the same), ``engine.launcher`` (how Flower was started; the metrics are the same, also
+    in every resolved arm) and, unless ``seed``, ``seed``. The input is not changed."""
     dropped = [k for k in _NOT_SETTINGS if not (seed and k == "seed")]
     out = {k: v for k, v in plain.items() if k not in dropped}
-    if isinstance(out.get("data"), dict):
-        out["data"] = {k: v for k, v in out["data"].items() if k != "cache_dir"}
+    for section, key in (("data", "cache_dir"), ("engine", "launcher")):
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    if isinstance(out.get("resolved_arms"), dict):
+        out["resolved_arms"] = {name: _without_launcher(arm) for name, arm in out["resolved_arms"].items()}
     return out
+
+
+def _without_launcher(arm):
+    if isinstance(arm, dict) and isinstance(arm.get("engine"), dict):
+        return {**arm, "engine": {k: v for k, v in arm["engine"].items() if k != "launcher"}}
+    return arm
 
 
 def settings_fingerprint(plain: dict, *, seed: bool = False) -> str:

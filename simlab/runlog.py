@@ -75,3 +75,22 @@ class RunLog:
     def close(self) -> None:
         self._metrics.close()
         self._rounds.close()
+
+
+def last_round_logged(run_dir: Path, arm: str) -> int | None:
+    """The last round of ``arm`` in ``rounds.jsonl`` (None: none yet), for following a RunLog that
+    another process writes (progress of a ServerApp started by ``flwr run``). A line still being
+    written is skipped; the file may have been cut back meanwhile (resume)."""
+    try:
+        lines = (Path(run_dir) / "rounds.jsonl").read_bytes().splitlines()
+    except OSError:
+        return None
+    last = None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("arm") == arm and isinstance(row.get("round"), int):
+            last = row["round"]
+    return last

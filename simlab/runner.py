@@ -1,6 +1,6 @@
 """Runs a loaded scenario in simulation: prepares the data, runs every arm through Flower's simulation
-engine, writes the results. The run directory's layout and the arm loop shared with the deployment
-engine are in :mod:`simlab.rundir`."""
+engine (in this process, or through ``flwr run``: ``engine.launcher``), writes the results. The run
+directory's layout and the arm loop shared with the deployment engine are in :mod:`simlab.rundir`."""
 
 from __future__ import annotations
 
@@ -46,27 +46,36 @@ def data_items(loaded: LoadedScenario) -> int:
 
 def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None = None) -> tuple[Path, dict]:
     """Run every arm of ``loaded``; ``progress`` is an optional :class:`Progress`-like reporter.
-    ``resume_dir``: continue that run (completed arms are kept, the others go on from their checkpoints)."""
-    from simlab.engine.simulation import simulate
+    ``resume_dir``: continue that run (completed arms are kept, the others go on from their checkpoints).
 
+    Each arm is started the way its ``engine.launcher`` says: ``in-process`` (the default) runs the
+    ServerApp in this process (:func:`simlab.engine.simulation.simulate`), ``flwr-run`` submits it with
+    ``flwr run`` to a local simulation SuperLink, one for the whole run
+    (:class:`simlab.engine.flwr_run.FlwrRunSimulation`); both write the same run directory."""
     if resume_dir is None:
         run_dir = start_run_dir(loaded, {"engine": "simulation"})
     else:
         run_dir = Path(resume_dir)
         clear_failed(run_dir)
+    flwr_run = None
+    if any(sc.engine.launcher == "flwr-run" for sc in loaded.arms.values()):
+        from simlab.engine.flwr_run import FlwrRunSimulation
+
+        flwr_run = FlwrRunSimulation()
 
     def prepare() -> None:
         t0 = time.perf_counter()
         prepare_data(loaded, progress.data_tick if progress else None)
         log.info("data ready in %.1f s", time.perf_counter() - t0)
+        if flwr_run is not None:
+            flwr_run.start()
 
     def run_arm(arm: str, sc: Scenario) -> None:
         on_round = (lambda t: progress.round_done(arm, t)) if progress else None
-        runlog = RunLog(run_dir, arm, on_round=on_round)
-        try:
-            simulate(sc, runlog, resume=resume_dir is not None)
-        finally:
-            runlog.close()
+        if sc.engine.launcher == "flwr-run":
+            flwr_run.run_arm(arm, sc, run_dir, resume=resume_dir is not None, on_round=on_round)
+        else:
+            _in_process(arm, sc, run_dir, resume=resume_dir is not None, on_round=on_round)
         shutil.rmtree(run_dir / HOSPITAL_STATE, ignore_errors=True)
 
     handler = logging.FileHandler(run_dir / "simlab.log", encoding="utf-8")
@@ -79,9 +88,21 @@ def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None 
                            prepare=prepare)
         return run_dir, summary
     finally:
+        if flwr_run is not None:
+            flwr_run.close()
         for name in ("simlab", "flwr"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+
+
+def _in_process(arm: str, sc: Scenario, run_dir: Path, *, resume: bool, on_round) -> None:
+    from simlab.engine.simulation import simulate
+
+    runlog = RunLog(run_dir, arm, on_round=on_round)
+    try:
+        simulate(sc, runlog, resume=resume)
+    finally:
+        runlog.close()
 
 
 RunOne = Callable[[LoadedScenario, Path | None], tuple[Path, dict]]

@@ -2,7 +2,7 @@
 per hospital, runs submitted with `flwr run` and followed by status polling.
 
 Unit tests (fast): the PKI (certificate chain, SANs, OpenSSH EC P-384 keys), port picking, node-config
-quoting, the run-config parsing of the deploy ServerApp, the FAB contents, process bookkeeping.
+quoting, process bookkeeping (the Flower app itself, its run config and FAB: tests/test_flwr_run.py).
 Integration (marked ``flower``, one deployment shared by three tests; 10 min on a 2-CPU machine shared
 with other jobs at load 10, dominated by Flower starting a fresh ClientApp process, which imports torch
 and MONAI, for every message at every hospital): the same
@@ -23,15 +23,13 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
-from io import BytesIO
 from pathlib import Path
 
 import pytest
 
 from simlab.engine.deploy_cli import main as deploy_main
 from simlab.engine.deploy_run import bring_up, run_deployment
-from simlab.engine.deployment import Deployment, default_app_dir
+from simlab.engine.deployment import Deployment
 from simlab.engine.flwr_config import CONNECTION, DeploymentError, last_json, node_config_arg, run_config_toml
 from simlab.engine.pki import Pki, add_node_keys, make_pki
 from simlab.engine.procs import ProcRecord, children_map, descendants, free_ports, proc_stat, watchers_of
@@ -191,44 +189,6 @@ def test_last_json_picks_the_object_after_log_lines():
     assert last_json('Using SuperLink: x\n✅ done\n{"success": true, "run-id": "7"}\n') == {"success": True,
                                                                                              "run-id": "7"}
     assert last_json("no json here") is None
-
-
-def test_fab_of_the_deploy_app_carries_no_code_runs_or_caches(tmp_path):
-    """`flwr run` packs deploy/app; junk dropped into it (runs, caches, code) must not travel."""
-    import shutil
-
-    from flwr.cli.build import build_fab_from_disk
-
-    app = tmp_path / "app"
-    shutil.copytree(default_app_dir(), app)
-    (app / "runs" / "r1").mkdir(parents=True)
-    (app / "runs" / "r1" / "metrics.jsonl").write_text("{}\n" * 1000)
-    (app / "stray.py").write_text("x = 1\n")
-    (app / "cache.json").write_text("{}")
-    fab = zipfile.ZipFile(BytesIO(build_fab_from_disk(app)))
-    assert sorted(n for n in fab.namelist() if not n.startswith(".info/")) == ["README.md", "pyproject.toml"]
-
-
-def test_run_config_parsing_of_the_deploy_server_app(tmp_path):
-    from simlab.federated.deploy_app import DeployConfigError, scenario_from_run_config
-
-    sc = tmp_path / "s.yaml"
-    sc.write_text(TINY.format(cache=tmp_path / "c") + "arms: [{name: a}, {name: b, set: {federation.lr: 0.1}}]\n")
-    run = tmp_path / "run"
-    run.mkdir()
-    scenario, arm, run_dir = scenario_from_run_config(
-        {"scenario": str(sc), "arm": "b", "run-dir": str(run), "overrides": json.dumps(["seed=9", "federation.rounds=3"])})
-    assert (arm, run_dir, scenario.federation.lr, scenario.seed, scenario.federation.rounds) == ("b", run, 0.1, 9, 3)
-    with pytest.raises(DeployConfigError, match="has 2 arms"):
-        scenario_from_run_config({"scenario": str(sc), "run-dir": str(run)})
-    with pytest.raises(DeployConfigError, match="not an arm"):
-        scenario_from_run_config({"scenario": str(sc), "arm": "zz", "run-dir": str(run)})
-    with pytest.raises(DeployConfigError, match="absolute"):
-        scenario_from_run_config({"scenario": "s.yaml", "arm": "a", "run-dir": str(run)})
-    with pytest.raises(DeployConfigError, match="'run-dir' is empty"):
-        scenario_from_run_config({"scenario": str(sc), "arm": "a"})
-    with pytest.raises(DeployConfigError, match="JSON list"):
-        scenario_from_run_config({"scenario": str(sc), "arm": "a", "run-dir": str(run), "overrides": "{bad"})
 
 
 def test_missing_hospital_fails_after_the_connect_timeout_not_the_round_timeout():

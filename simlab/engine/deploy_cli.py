@@ -64,7 +64,7 @@ def _add_up_and_run(sub) -> None:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--timeout", type=float, default=None, help="seconds per arm (default: from round_timeout_s)")
-    r.add_argument("--app", default=None, help="Flower app directory (default: deploy/app)")
+    r.add_argument("--app", default=None, help="Flower app directory (default: simlab's own, from its source tree)")
 
 
 def _add_admin(sub) -> None:

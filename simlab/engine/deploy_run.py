@@ -112,9 +112,16 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
             st = dep.wait(run_id, timeout_s or default_timeout(sc))
         finally:
             (run_dir / f"flower-{arm}.log").write_text(dep.run_logs(run_id), encoding="utf-8")
-        if st.get("status") != COMPLETED:
-            logs = (run_dir / f"flower-{arm}.log").read_text(encoding="utf-8")
-            raise DeploymentError(f"arm {arm}: run {run_id} ended {st.get('status')}: {st.get('status-details', '')}"
-                                  f"\n--- end of its log ---\n" + "\n".join(logs.splitlines()[-30:]))
+        raise_unless_completed(arm, run_id, st, run_dir / f"flower-{arm}.log")
 
     return run_dir, run_arms(run_dir, loaded, run_arm, resume=resume_dir is not None)
+
+
+def raise_unless_completed(arm: str, run_id: int, st: dict, log_path: Path) -> None:
+    """:class:`DeploymentError` with the status details and the end of the run's log, unless the
+    Flower run ended ``finished:completed``."""
+    if st.get("status") != COMPLETED:
+        logs = log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else ""
+        raise DeploymentError(f"arm {arm}: Flower run {run_id} ended {st.get('status')}: "
+                              f"{st.get('status-details', '')}\n--- end of its log ---\n"
+                              + "\n".join(logs.splitlines()[-30:]))

@@ -18,7 +18,12 @@ Bringing a deployment up and running a scenario on it is :mod:`simlab.engine.dep
 Ports are chosen at run time by binding port 0 (:func:`simlab.engine.procs.free_ports`), so
 concurrent deployments on one machine (tests, several users) never collide. Runtime dependency
 installation is off on both sides: every machine installs simlab beforehand, and the app submitted
-(deploy/app) carries only its pyproject.toml and README.
+(the repository's pyproject.toml, whose ``[tool.flwr.app]`` makes simlab a Flower app) carries only
+that file and the README.
+
+The same class runs a *simulation* SuperLink (``start_superlink(simulation=True)``: Flower's
+simulation runtime, virtual SuperNodes, no SuperNode processes) for ``engine.launcher: flwr-run``
+(:mod:`simlab.engine.flwr_run`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,9 +48,30 @@ from simlab.engine.procs import ProcRecord, free_ports, proc_stat, terminate
 from simlab.fileio import atomic_write
 
 
+APP_FILES = ("pyproject.toml", "README.md")
+"""What the FAB of simlab's Flower app holds (``fab-include`` in pyproject.toml adds README.md)."""
+
+
 def default_app_dir() -> Path:
-    """deploy/app of the source tree this module belongs to (the Flower app ``flwr run`` submits)."""
-    return Path(__file__).resolve().parents[2] / "deploy" / "app"
+    """The source tree this module belongs to: its pyproject.toml declares the Flower app."""
+    return Path(__file__).resolve().parents[2]
+
+
+def stage_app(source: Path, dest: Path) -> Path:
+    """``dest`` holding only :data:`APP_FILES` of ``source``, the files ``flwr run source`` would pack.
+
+    ``flwr run DIR`` walks every file under DIR before ``fab-include`` narrows the FAB down (a
+    checkout with its .venv: about 48,000 files, 7 s of CPU per run on a 2-core machine), and refuses
+    a tree with a path deeper than 10 folders; submitting the staged folder packs the same FAB
+    without either."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in APP_FILES:
+        if not (source / name).is_file():
+            raise DeploymentError(f"{source}: no {name} (the Flower app to submit is simlab's source tree)")
+        data = (source / name).read_bytes()
+        if not (dest / name).is_file() or (dest / name).read_bytes() != data:
+            atomic_write(dest / name, data)
+    return dest
 
 
 class Deployment:
@@ -56,10 +82,18 @@ class Deployment:
         logs/         superlink.log, supernode-<name>.log
 
     Another process can pick a deployment up from its state directory (``tools/deploy run/down``).
+    ``cwd``: the working directory of every process started (default the state directory); ``env``:
+    extra environment variables for them (None: unset it); ``detach``: start them in a session of
+    their own (a deployment outlives the command that brought it up), else in the caller's process
+    group, so that a signal to the group reaches them too.
     """
 
-    def __init__(self, state_dir: str | Path):
+    def __init__(self, state_dir: str | Path, *, cwd: str | Path | None = None,
+                 env: Mapping[str, str | None] | None = None, detach: bool = True):
         self.state_dir = Path(state_dir).resolve()
+        self.cwd = Path(cwd).resolve() if cwd is not None else self.state_dir
+        self.extra_env = dict(env or {})
+        self.detach = detach
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.state_dir / "flwr-home"
         self.logs = self.state_dir / "logs"
@@ -98,6 +132,11 @@ class Deployment:
         bindir = str(Path(sys.executable).parent)
         env.update(FLWR_HOME=str(self.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                    PATH=bindir + os.pathsep + env.get("PATH", ""), PYTHONUNBUFFERED="1")
+        for key, value in self.extra_env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         return env
 
     @staticmethod
@@ -112,7 +151,7 @@ class Deployment:
             fh.write(f"$ {shlex.join(cmd)}\n".encode())
             fh.flush()
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=self.env, cwd=self.state_dir, start_new_session=True)
+                                    env=self.env, cwd=self.cwd, start_new_session=self.detach)
         st = proc_stat(proc.pid)
         rec = ProcRecord(role=role, name=name, pid=proc.pid, start_ticks=st[1] if st else -1, port=port,
                          log=str(log_path), cmd=cmd)
@@ -147,11 +186,13 @@ class Deployment:
     # ------------------------------------------------------------------ SuperLink
     def start_superlink(self, pki: Pki | None, *, host: str = "127.0.0.1", port: int = 0,
                         public_address: str | None = None, database: str | Path | None = None,
-                        timeout: float = 60.0) -> ProcRecord:
+                        simulation: bool = False, timeout: float = 60.0) -> ProcRecord:
         """Start ``flower-superlink`` with TLS (``pki``; None = insecure, loopback tests only) and, with a
         PKI, SuperNode authentication on. ``port`` 0 picks a free one. ``public_address`` (host:port) is
         what SuperNodes and ``flwr`` dial (default: 127.0.0.1:port, or host:port for a specific host);
-        it must match a subjectAltName of the server certificate. Waits until ``/health`` answers."""
+        it must match a subjectAltName of the server certificate. ``simulation``: Flower's simulation
+        runtime (each run's federation config sizes its virtual SuperNodes). Waits until ``/health``
+        answers."""
         if any(r.role == "superlink" and r.alive() for r in self.records):
             raise DeploymentError(f"{self.state_dir}: a SuperLink of this deployment is already running")
         port = port or free_ports(1, host)[0]
@@ -167,6 +208,8 @@ class Deployment:
             self.root_cert = None
         if database is not None:
             cmd += ["--database", str(database)]
+        if simulation:
+            cmd += ["--simulation"]
         dial_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.address = public_address or f"{dial_host}:{port}"
         rec = self._spawn("superlink", "superlink", cmd, port)
@@ -274,21 +317,32 @@ class Deployment:
         raise DeploymentError(f"only {len(online)} of {n} SuperNodes online within {timeout:.0f} s")
 
     # ------------------------------------------------------------------ runs
-    def submit(self, run_config: Mapping[str, str | int | float | bool], app_dir: str | Path | None = None) -> int:
-        """``flwr run APP simlab --run-config FILE.toml``; returns the run id.
+    def submit(self, run_config: Mapping[str, str | int | float | bool], app_dir: str | Path | None = None,
+               federation_config: Mapping[str, str | int | float | bool] | None = None) -> int:
+        """``flwr run APP simlab --run-config FILE.toml [--federation-config FILE.toml]``; returns the run id.
 
-        The run config goes through a TOML file (kept under ``run-configs/`` in the state directory)
-        rather than ``key=value`` arguments: Flower splits those at whitespace and quotes, so values such
-        as a JSON list of overrides or a path with spaces would not survive."""
-        app = Path(app_dir or default_app_dir()).resolve()
-        if not (app / "pyproject.toml").is_file():
-            raise DeploymentError(f"{app}: no pyproject.toml (the Flower app to submit); pass the deploy/app "
-                                  f"folder of the simlab source tree (tools/deploy run --app DIR)")
+        ``app_dir`` None submits simlab's own app (:func:`stage_app` of the source tree); another
+        folder is submitted as it is. ``federation_config``: a simulation SuperLink's federation for
+        this run (``num-supernodes``, ``client-resources-num-cpus``, ...). The configs go through TOML
+        files (kept under ``run-configs/`` in the state directory) rather than ``key=value``
+        arguments: Flower splits those at whitespace and quotes, so values such as a JSON list of
+        overrides or a path with spaces would not survive."""
+        if app_dir is None:
+            app = stage_app(default_app_dir(), self.state_dir / "app")
+        else:
+            app = Path(app_dir).resolve()
+            if not (app / "pyproject.toml").is_file():
+                raise DeploymentError(f"{app}: no pyproject.toml (the Flower app to submit); pass the simlab "
+                                      f"source tree (tools/deploy run --app DIR)")
         folder = self.state_dir / "run-configs"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}.toml"
-        path.write_text(run_config_toml(run_config), encoding="utf-8")
-        data = self.flwr_json("run", str(app), CONNECTION, "--run-config", str(path))
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns()}"
+        args = ["run", str(app), CONNECTION, "--run-config", str(folder / f"{stem}.toml")]
+        (folder / f"{stem}.toml").write_text(run_config_toml(run_config), encoding="utf-8")
+        if federation_config is not None:
+            (folder / f"{stem}-federation.toml").write_text(run_config_toml(federation_config), encoding="utf-8")
+            args += ["--federation-config", str(folder / f"{stem}-federation.toml")]
+        data = self.flwr_json(*args)
         return int(data["run-id"])
 
     def status(self, run_id: int) -> dict:
@@ -318,6 +372,42 @@ class Deployment:
                 self.flwr("stop", str(run_id), CONNECTION, check=False)
                 raise DeploymentError(f"run {run_id} still {st.get('status')!r} after {timeout:.0f} s; stopped it")
             time.sleep(poll_s)
+
+    def follow(self, run_id: int, log_path: str | Path, timeout: float, *, poll_s: float = 0.5,
+               on_poll: Callable[[], None] | None = None) -> dict:
+        """Like :meth:`wait`, but cheap to wait on: one ``flwr log RUN_ID --stream`` process writes the
+        run's log to ``log_path`` as it happens and exits when the run is finished (each ``flwr``
+        command costs about 2 s of CPU here, so polling ``flwr ls`` every few seconds would take most
+        of a core from the run). Its exit status says nothing about the run, so the status is then
+        read with :meth:`wait`. ``on_poll`` is called every ``poll_s`` meanwhile (progress)."""
+        deadline = time.monotonic() + timeout
+        cmd = [self.tool("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.env, cwd=self.state_dir)
+            try:
+                while proc.poll() is None and time.monotonic() < deadline:
+                    if on_poll is not None:
+                        on_poll()
+                    time.sleep(poll_s)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+        if on_poll is not None:
+            on_poll()
+        left = deadline - time.monotonic()
+        if left > 0:  # the stream ended: the run is finished, or the stream broke and polling takes over
+            return self.wait(run_id, left)
+        st = self.status(run_id)
+        if not str(st.get("status", "")).startswith(FINISHED):
+            self.flwr("stop", str(run_id), CONNECTION, check=False)
+            raise DeploymentError(f"run {run_id} still {st.get('status')!r} after {timeout:.0f} s; stopped it")
+        return st
 
     def run_logs(self, run_id: int) -> str:
         res = self.flwr("log", str(run_id), CONNECTION, "--show", check=False, timeout=60)

@@ -83,6 +83,23 @@ class EngineSpec:
     ray_address: str | None = field(default=None, metadata={
         "help": "address of a running Ray cluster to simulate on (`ray start --head` prints it; 'auto': the "
                 "one on this machine); default: $RAY_ADDRESS if set, else Ray is started on this machine"})
+    launcher: Literal["in-process", "flwr-run"] = field(
+        default="in-process", metadata={"help": "how an arm is started on Flower's simulation runtime: in-process "
+                                                "(progress bar per round, errors raised as they happen) or "
+                                                "flwr-run (`flwr run` against a private local simulation "
+                                                "SuperLink, which starts Ray on this machine; the same run "
+                                                "directory)"})
+
+    def check(self):
+        if self.launcher != "flwr-run":
+            return []
+        if self.cpus_per_client != int(self.cpus_per_client):
+            return [("cpus_per_client", f"launcher 'flwr-run' reserves whole CPU cores per hospital (Flower's "
+                                        f"federation config takes an integer), found {self.cpus_per_client}")]
+        if self.ray_address:
+            return [("ray_address", "launcher 'flwr-run' starts Ray on this machine; a Ray cluster is used by "
+                                    "launcher 'in-process' only")]
+        return []
 
 
 @dataclass(frozen=True)
