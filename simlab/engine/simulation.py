@@ -8,7 +8,8 @@ round to the terminal's progress bar and the run log directly, (2) a failure in 
 raised here as a Python exception instead of a "finished:failed" status behind an exit code of 0,
 (3) no FAB is packed from the working tree (which would sweep up run directories and caches) and no
 local SuperLink process and port have to be managed per run. Flower is pinned to 1.41.0, where it
-is present. Moving to ``flwr run`` changes this file only; the deployment path uses the same apps.
+is present. The same apps also run through ``flwr run`` (``engine.launcher: flwr-run``,
+:mod:`simlab.engine.flwr_run`, tested to give the same ``metrics.jsonl``) and in a deployment.
 
 Every run of one process shares one Ray start and one pool of ClientApp actors
 (:mod:`simlab.engine.ray_session`). Ray is started on this machine with all its cores, or, with
