@@ -1,7 +1,9 @@
 """Safe YAML reading and generic, typed validation of configuration dataclasses.
 
 Every configuration section of simlab is a frozen dataclass whose fields carry type hints and
-optional numeric constraints in ``field(metadata={"ge": .., "gt": .., "le": .., "lt": .., "help": ..})``.
+optional numeric constraints in ``field(metadata={"ge": .., "gt": .., "le": .., "lt": .., "help": ..})``;
+an upper bound states its reason in ``"why"`` (it is part of the error). A float is always finite
+(``.inf`` and ``.nan`` are refused: no setting means "unbounded" by infinity).
 :func:`build` turns a plain mapping (parsed YAML) into such a dataclass and reports *every* problem
 as a :class:`ScenarioError` naming the file, the dotted key path, what was expected and what was
 found. Unknown keys are errors. Cross-field rules live in an optional ``check()`` method of a
@@ -12,12 +14,16 @@ YAML is parsed with a ``SafeLoader`` subclass: no object-constructing tags, a si
 and a limit on the *expanded* size of the document, so alias bombs ("billion laughs") are refused
 before anything walks them. A key written twice in one mapping is an error naming both lines (PyYAML
 would keep the last silently). Numbers with an exponent and no dot (``1e-3``) are floats, as in YAML 1.2
-and on the command line (YAML 1.1 reads them as text).
+and on the command line (YAML 1.1 reads them as text). Mappings and lists nest at most
+``MAX_DEPTH`` levels (deeper documents would exhaust Python's recursion limit), and an integer has at
+most ``MAX_INT_DIGITS`` digits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import re
 import sys
 import types
@@ -29,6 +35,11 @@ import yaml
 
 MAX_FILE_BYTES = 1_000_000
 MAX_EXPANDED_NODES = 200_000
+MAX_DEPTH = 100
+"""Nesting levels of mappings and lists in one document; a scenario needs fewer than ten."""
+MAX_INT_DIGITS = 100
+"""Digits of one integer in a document: more than any bound in the schema, far fewer than Python's
+int-to-text limit (4300), past which even printing the number fails."""
 
 
 class ScenarioError(ValueError):
@@ -43,7 +54,27 @@ class ScenarioError(ValueError):
 
 # --------------------------------------------------------------------------------------- YAML
 class _BoundedSafeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents whose alias-expanded size is too large."""
+    """SafeLoader that refuses documents nested too deeply, integers too long, and documents whose
+    alias-expanded size is too large."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep; refused", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {digits} digits; at most {MAX_INT_DIGITS} are read", node.start_mark)
+        return super().construct_yaml_int(node)
 
     def compose_document(self):  # type: ignore[override]
         node = super().compose_document()
@@ -73,6 +104,7 @@ _BoundedSafeLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+_BoundedSafeLoader.add_constructor("tag:yaml.org,2002:int", _BoundedSafeLoader.construct_yaml_int)
 
 
 def _check_expanded_size(root: yaml.Node) -> None:
@@ -132,9 +164,18 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 
 # ---------------------------------------------------------------------------------- building
+def _shown(value: Any) -> str:
+    """``repr``, except for an integer too long to read in a message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
+
+
 def _describe(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return _shown(value)
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
@@ -235,7 +276,13 @@ class _Builder:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
                 self.fail(path, f"expected a number, found {_describe(raw)}")
                 return raw
-            return float(raw)
+            try:
+                number = float(raw)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                self.fail(path, f"expected a finite number, found {_describe(raw)}")
+            return number
         if tp is str:
             if not isinstance(raw, str):
                 self.fail(path, f"expected text, found {_describe(raw)}")
@@ -286,12 +333,13 @@ class _Builder:
         meta = f.metadata
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                continue
-            for key, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"),
-                                  ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
-                if key in meta and not op(float(v), float(meta[key])):
-                    self.fail(path, f"expected a value {word} {meta[key]}, found {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+                continue  # not a number, or reported as not finite
+            for key, op, word in (("ge", operator.ge, ">="), ("gt", operator.gt, ">"),
+                                  ("le", operator.le, "<="), ("lt", operator.lt, "<")):
+                if key in meta and not op(v, meta[key]):  # exact for integers of any size
+                    why = f" ({meta['why']})" if key in ("le", "lt") and "why" in meta else ""
+                    self.fail(path, f"expected a value {word} {meta[key]}{why}, found {_shown(v)}")
                     return
 
 

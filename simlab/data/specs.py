@@ -15,11 +15,16 @@ from simlab.data.nifti import NiftiSourceParams
 from simlab.data.phantom import PopulationParams
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
+
+
 @dataclass(frozen=True)
 class DataSpec:
     source: Literal["phantom", "nifti"] = field(
         default="phantom", metadata={"help": "phantom: embedded MNI152 anatomy; nifti: nnU-Net-layout folders"})
-    image_size: int = field(default=128, metadata={"ge": 16, "le": 1024, "help": "2D slice size (pixels)"})
+    image_size: int = field(default=128, metadata={
+        "ge": MIN_IMAGE_SIZE, "le": MAX_IMAGE_SIZE, "why": "images are held in memory as size² float32",
+        "help": "2D slice size (pixels); a multiple of 2^(levels - 1) of model.channels (8 for 4 levels)"})
     datasets: dict[str, NiftiSourceParams] = field(
         default_factory=dict, metadata={"help": "nifti source: named datasets that domains refer to"})
     test_case_fraction: float = field(
@@ -48,7 +53,9 @@ class DomainSpec:
 class HospitalSpec:
     id: str
     drift: DriftSpec
-    size: int = field(default=32, metadata={"ge": 1, "help": "training images in each round's window"})
+    size: int = field(default=32, metadata={
+        "ge": 1, "le": 100_000, "why": "a window is held in memory: 100,000 images of 128² px take 6.6 GB",
+        "help": "training images in each round's window (at most 100,000: a window is held in memory)"})
     label_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0,
                                                          "help": "share of window images with labels"})
     corruption: Literal["none", "swap_labels", "random_labels"] = field(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from simlab.augment.frequency import FrequencyParams
 from simlab.continual.registry import ContinualSpec, method_class
-from simlab.data.specs import DataSpec, DomainSpec, HospitalSpec, num_classes_of
+from simlab.data.specs import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
 from simlab.aggregation import AggregationParams, ServerOptimizerParams
 from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
@@ -23,13 +23,20 @@ from simlab.runlog import RESERVED_IDS
 
 @dataclass(frozen=True)
 class FederationSpec:
-    rounds: int = field(default=30, metadata={"ge": 1})
+    rounds: int = field(default=30, metadata={
+        "ge": 1, "le": 10_000, "why": "every round's windows are generated and cached before round 1, one file per "
+                                      "hospital and round",
+        "help": "federated rounds (at most 10,000: each hospital's window of every round is generated and cached "
+                "before round 1)"})
     clients_per_round: int | None = field(default=None, metadata={"ge": 1, "help": "default: every hospital"})
-    local_steps: int = field(default=4, metadata={"ge": 1, "help": "optimiser steps per round"})
-    local_epochs: int | None = field(default=None, metadata={"ge": 1,
+    local_steps: int = field(default=4, metadata={"ge": 1, "le": 1_000_000, "why": "optimiser steps per round",
+                                                  "help": "optimiser steps per round"})
+    local_epochs: int | None = field(default=None, metadata={"ge": 1, "le": 10_000, "why": "epochs per round",
                                                              "help": "if set: epochs over the training set instead of steps"})
-    lr: float = field(default=1e-3, metadata={"gt": 0.0})
-    batch_size: int = field(default=16, metadata={"ge": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0.0, "le": 1e3, "why": "a step this large only diverges",
+                                              "help": "local learning rate (finite, > 0)"})
+    batch_size: int = field(default=16, metadata={"ge": 1, "le": 65_536, "why": "one batch is held in memory",
+                                                  "help": "local training batch size"})
     optimizer: Literal["adam", "sgd"] = "adam"
     aggregation: AggregationParams = field(default_factory=AggregationParams)
     server_optimizer: ServerOptimizerParams = field(
@@ -43,9 +50,9 @@ class FederationSpec:
         default="shared", metadata={"help": "shared: normalisation layers are aggregated like every weight; local: FedBN "
                                             "(Li et al. 2021), each hospital keeps its own normalisation weights and "
                                             "statistics, never sent, and its deployed model uses them"})
-    round_timeout_s: float = field(default=600.0, metadata={"gt": 0.0,
+    round_timeout_s: float = field(default=600.0, metadata={"gt": 0.0, "le": 604_800.0, "why": "one week",
                                                             "help": "wait at most this long for replies"})
-    connect_timeout_s: float = field(default=300.0, metadata={"gt": 0.0,
+    connect_timeout_s: float = field(default=300.0, metadata={"gt": 0.0, "le": 604_800.0, "why": "one week",
                                                               "help": "at the start, wait at most this long for every "
                                                                       "hospital's node to connect"})
     min_replies: int = field(default=1, metadata={"ge": 1, "help": "fewer replies: the round is skipped"})
@@ -64,9 +71,11 @@ class AugmentationSpec:
 class EvaluationSpec:
     every: int = field(default=5, metadata={"ge": 1, "help": "evaluate every k rounds (and at boundaries)"})
     at_boundaries: bool = True
-    test_size: int = field(default=64, metadata={"ge": 1, "help": "held-out test images per domain"})
+    test_size: int = field(default=64, metadata={
+        "ge": 1, "le": 100_000, "why": "each domain's test set is held in memory: 100,000 images of 128² px take 6.6 GB",
+        "help": "held-out test images per domain (at most 100,000: each test set is held in memory)"})
     domains: list[str] | None = field(default=None, metadata={"help": "domains to test on (default: all)"})
-    batch_size: int = field(default=64, metadata={"ge": 1})
+    batch_size: int = field(default=64, metadata={"ge": 1, "le": 65_536, "why": "one batch is held in memory"})
     adaptation: Literal["none", "adabn"] = field(
         default="none", metadata={"help": "none: evaluate the deployed model as it is; adabn: re-estimate its "
                                           "BatchNorm statistics on each test set's images first (AdaBN, no labels)"})
@@ -120,6 +129,9 @@ _ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 """Arm names, hospital ids and domain names become file and directory names in the run directory
 (``R/<arm>/<hospital>.csv``, checkpoints, hospital state): no path separator, no leading dot."""
 
+MAX_IMAGE_BYTES = 32 * 2**30
+"""Memory for the images of one window or one test set (image and label), generous for one machine."""
+
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
 ARM_KEYS = ("evaluation.adaptation",)  # keys outside those sections an arm may set: the test sets stay the same
 
@@ -142,7 +154,7 @@ class Scenario(DerivedFacts):
     domains: dict[str, DomainSpec]
     hospitals: list[HospitalSpec]
     description: str = ""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": -(2**63), "le": 2**64 - 1, "why": "torch seeds are 64-bit integers"})
     data: DataSpec = field(default_factory=DataSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     federation: FederationSpec = field(default_factory=FederationSpec)
@@ -169,7 +181,22 @@ class Scenario(DerivedFacts):
         cpr = self.federation.clients_per_round
         if cpr is not None and cpr > len(self.hospitals):
             p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
-        return p + self._combination_problems() + self._arm_problems()
+        return p + self._size_problems() + self._combination_problems() + self._arm_problems()
+
+    def _size_problems(self) -> list[tuple[str, str]]:
+        """The image size against the network's depth, and the images held in memory at once (a window,
+        a test set) against ``MAX_IMAGE_BYTES``."""
+        size = self.data.image_size
+        why = self.model.image_size_problem(size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+        p = [("data.image_size", why)] if why else []
+        held = [(f"hospitals[{i}].size", h.size, "a training window") for i, h in enumerate(self.hospitals)]
+        for key, n, what in [*held, ("evaluation.test_size", self.evaluation.test_size, "a test set")]:
+            nbytes = n * size * size * 5  # float32 image + uint8 label per pixel
+            if nbytes > MAX_IMAGE_BYTES:
+                p.append((key, f"{what} of {n} images of {size}² px needs {nbytes / 2**30:.0f} GiB of memory; at "
+                               f"most {MAX_IMAGE_BYTES // 2**30} GiB (≤ {MAX_IMAGE_BYTES // (size * size * 5)} "
+                               f"images at this size)"))
+        return p
 
     def _hospital_problems(self, i: int, h) -> list[tuple[str, str]]:
         p, last = [], self.federation.rounds
