@@ -25,6 +25,10 @@ examples:
   simlab validate scenarios/quickstart.yaml
   simlab report runs/quickstart-20261123-101500
   simlab compare runs/a runs/b --baseline tests/regression/baselines/forgetting.yaml
+
+exit status: 0 done; 1 the run failed (also when an arm skipped every round, so that it never
+aggregated an update); 2 bad input (scenario, options, data folders, run directory or cache
+folder; the message names the file, key or variable); 130 / 143 stopped by SIGINT / SIGTERM.
 """
 
 
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(args, console, err) -> int:
     """``simlab run`` / ``simlab validate`` once the arguments are known to fit together."""
     from simlab.runner import data_items, run_scenario
+    from simlab.scenario.inputs import check_inputs
     from simlab.scenario.schema import load_scenario
 
     resume, seeds = getattr(args, "resume", None), getattr(args, "seeds", None)
@@ -207,6 +212,7 @@ def _run_command(args, console, err) -> int:
     if seeds is not None:
         return _sweep(parse_seeds(seeds), args, console, err)
     loaded = load_scenario(args.scenario, args.overrides, args.seed, getattr(args, "out", None))
+    check_inputs(loaded)
     if args.command == "validate":
         arms = ", ".join(f"{n} ({s.continual.method}, {s.federation.aggregation.rule})" for n, s in loaded.arms.items())
         sc = loaded.base
@@ -255,11 +261,17 @@ def _sweep(seeds: list[int], args, console, err) -> int:
     from simlab.report.commands import run_compare
     from simlab.runner import data_items, run_scenario, run_sweep
 
+    from simlab.scenario.inputs import check_inputs
+
+    summaries = []
+
     def run_one(loaded, resume_dir):
+        check_inputs(loaded)
         console.print(f"seed {loaded.base.seed}: {loaded.base.output.dir}", highlight=False)
         with Progress(console, enabled=not args.quiet) as progress:
             progress.start_data(data_items(loaded))
             run_dir, summary = run_scenario(loaded, progress, resume_dir=resume_dir)
+        summaries.append(summary)
         if not args.no_report:
             from simlab.report import write_report
 
@@ -270,16 +282,26 @@ def _sweep(seeds: list[int], args, console, err) -> int:
     rc = run_compare([str(d) for d in dirs], console=console, err=err, paired=args.paired)
     console.print(f"sweep directory: [bold]{dirs[0].parent}[/bold] (simlab compare {dirs[0].parent} prints "
                   "these tables again)")
-    return rc
+    return max([rc, *(_untrained_status(console, s) for s in summaries)])
 
 
 def _finish(console, summary: dict, run_dir: Path, args) -> int:
+    """The table, the report; exit status 1 when an arm aggregated no update in any round."""
     print_summary(console, summary, run_dir)
     if not args.no_report:
         from simlab.report import write_report
 
         console.print(f"report: [bold]{write_report(run_dir)}[/bold]")
-    return 0
+    return _untrained_status(console, summary)
+
+
+def _untrained_status(console, summary: dict) -> int:
+    from simlab.rundir import untrained_arms
+
+    lines = untrained_arms(summary)
+    for line in lines.values():
+        console.print(f"[red]FAILED[/red] {line}", highlight=False)
+    return 1 if lines else 0
 
 
 def _resume(run_dir: str, args, console, err) -> int:
@@ -287,7 +309,10 @@ def _resume(run_dir: str, args, console, err) -> int:
     from simlab.rundir import resume_inputs
     from simlab.runner import data_items, run_scenario
 
+    from simlab.scenario.inputs import check_inputs
+
     path, loaded, info = resume_inputs(run_dir)
+    check_inputs(loaded)
     console.print(f"resuming {path} ({info.get('engine', 'simulation')})")
     if info.get("engine") == "deployment":
         from simlab.engine.deploy_run import run_deployment

@@ -313,8 +313,10 @@ class _Builder:
             if isinstance(raw[name], str) and raw[name] in renamed:
                 self.fail(f"{prefix}{name}", f"{raw[name]!r} {renamed[raw[name]]}")
                 continue
+            typed = len(self.problems)
             value = self.value(hints[name], raw[name], f"{prefix}{name}")
-            self._bounds(f, value, f"{prefix}{name}")
+            if len(self.problems) == typed:  # bounds only for a value of the right type
+                self._bounds(f, value, f"{prefix}{name}")
             kwargs[name] = value
         if len(self.problems) > before:
             return None

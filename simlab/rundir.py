@@ -67,6 +67,7 @@ __all__ = [
     "run_arms",
     "settings_fingerprint",
     "start_run_dir",
+    "untrained_arms",
     "write_results",
     "write_run_info",
 ]
@@ -124,7 +125,15 @@ def make_run_dir(loaded: LoadedScenario, base: Path | None = None) -> Path:
         path = (base or Path("runs")) / f"{sc.name}-{stamp}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise RunDirError(f"{path}: run directory exists and is not empty; choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"{path}: cannot create the run directory (--out / output.dir): "
+                          f"{exc.strerror or type(exc).__name__}"
+                          + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")) from None
     return path
 
 
@@ -298,12 +307,26 @@ def _arm_summary(sc, res: dict, costs: list[dict], wall: float) -> dict:
         "bytes_total": int(sum(c.get("bytes_down", 0) + c.get("bytes_up", 0) for c in costs)),
         "failed_updates": int(sum(len(c.get("failed", [])) for c in costs)),
         "skipped_rounds": int(sum(1 for c in costs if c.get("skipped"))),
+        "rounds": sc.federation.rounds,
         "final_dice": res["final_dice"],
         **({"pool": res["pool"], "final_dice_oracle": res["final_dice_oracle"]} if "pool" in res else {}),
         "pooled": pooled,
         "per_hospital": res["per_hospital"],
         "metrics": res["metrics"],
     }
+
+
+def untrained_arms(summary: dict) -> dict[str, str]:
+    """Arms of ``summary.json`` that aggregated no update in any round (every round skipped: too few
+    replies, every hospital's training failed), with a line saying so. Their results describe the
+    untrained model, so a run with one fails (``simlab run`` exits with status 1)."""
+    out = {}
+    for arm, a in summary["arms"].items():
+        rounds = a.get("rounds")
+        if rounds and a.get("skipped_rounds", 0) >= rounds:
+            out[arm] = (f"arm {arm}: every one of its {rounds} rounds was skipped ({a.get('failed_updates', 0)} "
+                        f"failed updates), so its results describe the untrained model; simlab.log says why")
+    return out
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -25,6 +25,25 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "simlab"
 
 
+def cache_dir_problem(root: str | Path) -> str | None:
+    """Why generated data cannot be cached under ``root`` (None when it can): the nearest folder that
+    exists must be a folder this process can create entries in. Probed with a temporary folder that
+    is removed again, so nothing is left behind."""
+    import tempfile
+
+    path = Path(root).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder, so {path} cannot be created"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".simlab-probe-", dir=probe))
+    except OSError as exc:
+        return f"cannot create {path} ({exc.strerror or type(exc).__name__} in {probe})"
+    return None
+
+
 class ArrayCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_cache_dir()

@@ -412,6 +412,29 @@ class NiftiSourceParams:
                     problems.append(("label_map", f"value {v} for key {k!r} must be in 0..255"))
         return problems
 
+    def file_problems(self) -> list[tuple[str, str]]:
+        """What can be checked without reading a volume (``simlab validate`` and before a run): the root
+        folder, its ``dataset.json``, the case files it implies, the selected cases and the label map's
+        keys; (key, message) pairs, each message starting with the file concerned."""
+        root = Path(self.root)
+        if not root.is_dir():
+            return [("root", f"{root}: {'not a folder' if root.exists() else 'folder not found'}")]
+        try:
+            info = read_dataset_json(root)
+            by_id = {c.case_id: c for c in list_cases(root, info)}
+        except NiftiDataError as exc:
+            return [("root", str(exc))]
+        if not by_id:
+            return [("root", f"{root}: no case found (dataset.json and imagesTr/labelsTr list none)")]
+        problems = []
+        for key, check in (("cases", lambda: _select_cases(root, by_id, self.cases)),
+                           ("label_map", lambda: _check_label_map(info, self.label_map_int()))):
+            try:
+                check()
+            except (NiftiDataError, ValueError) as exc:
+                problems.append((key, str(exc)))
+        return problems
+
     def label_map_int(self) -> dict[int, int] | None:
         """``label_map`` with integer keys (None when unset)."""
         return None if self.label_map is None else {int(k): int(v) for k, v in self.label_map.items()}
