@@ -294,7 +294,7 @@ def test_a_data_cache_dir_under_a_file_is_named(workdir, capsys):
 
 # -------------------------------------------------------------------------- unreadable YAML
 @pytest.mark.parametrize("text, fragment", [
-    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested more than 100 levels deep"),
+    ("a: " + "[" * 1000 + "]" * 1000 + "\n", "nested more than 100 levels deep"),
     ("".join("  " * i + f"k{i}:\n" for i in range(300)), "nested more than 100 levels deep"),
     ("name: x\nseed: " + "7" * 5000 + "\n", "line 2, column 7: an integer of 5000 digits; at most 100 are read"),
 ])
@@ -304,9 +304,54 @@ def test_yaml_too_deep_or_integers_too_long_are_refused_with_the_line(workdir, c
 
 
 @pytest.mark.parametrize("value, fragment", [
-    ("[" * 3000 + "]" * 3000, "nested more than 100 levels deep"),
+    ("[" * 1000 + "]" * 1000, "nested more than 100 levels deep"),
     ("9" * 5000, "an integer of 5000 digits"),
 ])
 def test_set_values_too_deep_or_too_long_are_refused(workdir, capsys, value, fragment):
     err = refused(workdir, capsys, GOOD, "--set", f"seed={value}")
     assert "--set seed: <top>: invalid YAML" in err and fragment in err
+
+
+def test_a_run_directory_whose_arm_skipped_every_round_fails_the_command(tmp_path):
+    """The same through what a run writes: the rounds.jsonl of an engine whose arm ``ewc`` skipped every
+    round and ``seq`` one; summary.json records both counts, and ``simlab run``'s ending returns 1."""
+    from argparse import Namespace
+
+    from rich.console import Console
+
+    from simlab.cli import _finish
+    from simlab.rundir import run_arms, start_run_dir
+    from simlab.runlog import RunLog
+    from simlab.scenario.schema import load_scenario_dict
+
+    raw = {**json.loads(json.dumps(_RAW)), "output": {"dir": str(tmp_path / "run")}}
+    loaded = load_scenario_dict(raw, "unit.yaml")
+    run_dir = start_run_dir(loaded, {"engine": "test"})
+
+    def run_arm(arm, sc):
+        log = RunLog(run_dir, arm)
+        try:
+            for t in range(sc.federation.rounds + 1):
+                for h in sc.hospitals:
+                    log.metric(t, h.id, "A", "dice", 0.5)
+                skipped = t > 0 and (arm == "ewc" or t == 2)
+                log.round_cost(t, bytes_down=1, bytes_up=1, failed=[h.id for h in sc.hospitals] if skipped else [],
+                               **({"skipped": True} if skipped else {}))
+        finally:
+            log.close()
+
+    summary = run_arms(run_dir, loaded, run_arm, resume=False)
+    assert [(a["rounds"], a["skipped_rounds"], a["failed_updates"]) for a in summary["arms"].values()] == \
+        [(3, 1, 2), (3, 3, 6)]
+    console = Console(file=io.StringIO(), width=1000)
+    assert _finish(console, summary, run_dir, Namespace(no_report=True)) == 1
+    out = console.file.getvalue()
+    assert "FAILED arm ewc: every one of its 3 rounds was skipped (6 failed updates)" in out and "arm seq:" not in out
+
+
+_RAW = {"name": "skips", "seed": 1, "data": {"image_size": 32}, "domains": {"A": {}},
+        "hospitals": [{"id": "h1", "size": 4, "drift": {"type": "none", "domain": "A"}},
+                      {"id": "h2", "size": 4, "drift": {"type": "none", "domain": "A"}}],
+        "federation": {"rounds": 3}, "evaluation": {"every": 1},
+        "arms": [{"name": "seq", "set": {"continual.method": "sequential"}},
+                 {"name": "ewc", "set": {"continual.method": "ewc"}}]}
