@@ -260,7 +260,6 @@ def _sweep(seeds: list[int], args, console, err) -> int:
     """``simlab run --seeds``: each seed's run (:func:`simlab.runner.run_sweep`), then one comparison."""
     from simlab.report.commands import run_compare
     from simlab.runner import data_items, run_scenario, run_sweep
-
     from simlab.scenario.inputs import check_inputs
 
     summaries = []
@@ -282,7 +281,7 @@ def _sweep(seeds: list[int], args, console, err) -> int:
     rc = run_compare([str(d) for d in dirs], console=console, err=err, paired=args.paired)
     console.print(f"sweep directory: [bold]{dirs[0].parent}[/bold] (simlab compare {dirs[0].parent} prints "
                   "these tables again)")
-    return max([rc, *(_untrained_status(console, s) for s in summaries)])
+    return max([rc, *(_untrained_status(console, s, f"seed {s['seed']}: ") for s in summaries)])
 
 
 def _finish(console, summary: dict, run_dir: Path, args) -> int:
@@ -295,12 +294,13 @@ def _finish(console, summary: dict, run_dir: Path, args) -> int:
     return _untrained_status(console, summary)
 
 
-def _untrained_status(console, summary: dict) -> int:
+def _untrained_status(console, summary: dict, prefix: str = "") -> int:
+    """1, each named, when an arm of ``summary`` skipped every round; else 0."""
     from simlab.rundir import untrained_arms
 
     lines = untrained_arms(summary)
     for line in lines.values():
-        console.print(f"[red]FAILED[/red] {line}", highlight=False)
+        console.print(f"[red]FAILED[/red] {prefix}{line}", highlight=False)
     return 1 if lines else 0
 
 

@@ -123,9 +123,9 @@ def make_run_dir(loaded: LoadedScenario, base: Path | None = None) -> Path:
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = (base or Path("runs")) / f"{sc.name}-{stamp}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise RunDirError(f"{path}: run directory exists and is not empty; choose another --out")
     try:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunDirError(f"{path}: run directory exists and is not empty; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_bytes(b"")

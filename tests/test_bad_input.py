@@ -272,10 +272,17 @@ def test_a_listable_nifti_dataset_validates_without_reading_a_volume(workdir, ca
     ("a-file/run", "a-file/run: cannot create the run directory (--out / output.dir): Not a directory"),
     ("a-file", "a-file: run directory exists and is not empty"),
     ("/proc/simlab-run", "/proc/simlab-run: cannot create the run directory (--out / output.dir)"),
+    ("x" * 300, ": cannot create the run directory (--out / output.dir): File name too long"),
 ])
 def test_a_run_directory_that_cannot_be_created_is_refused_before_anything_runs(workdir, capsys, out, fragment):
     err = refused(workdir, capsys, GOOD, "--out", out, command="run")
     assert fragment in err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/x", ".hidden", "''", "'a\\b'", '"a\\tb"', "x" * 101])
+def test_a_scenario_name_that_would_place_the_run_directory_elsewhere_is_refused(workdir, capsys, name):
+    err = refused(workdir, capsys, GOOD.replace("name: tiny", f"name: {name}"))
+    assert "scenario.yaml: name: expected a name of 1 to 100 printable characters" in err
 
 
 @pytest.mark.parametrize("command", ["validate", "run"])

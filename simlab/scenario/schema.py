@@ -167,6 +167,10 @@ class Scenario(DerivedFacts):
 
     def check(self):
         p: list[tuple[str, str]] = []
+        if (not self.name.strip() or self.name.startswith(".") or len(self.name) > 100
+                or any(c in self.name for c in "/\\") or not self.name.isprintable()):
+            p.append(("name", f"expected a name of 1 to 100 printable characters, no '/' or '\\' and no leading '.', "
+                              f"since it names the default run directory runs/<name>-<time>; found {self.name[:60]!r}"))
         if not self.domains:
             p.append(("domains", "at least one named domain is needed"))
         if not self.hospitals:
