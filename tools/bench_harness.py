@@ -269,6 +269,10 @@ def report(args, sc, bare: list[dict], sim: list[dict], load_before) -> None:
     for name, x, y in rows:
         print(f"  {name:<30} {x:7.2f}  {y:7.2f}  {y - x:+8.2f}")
     print(f"  {'total':<30} {b['total']:7.2f}  {s['loop']:7.2f}  {s['loop'] - b['total']:+8.2f}")
+    n = max(1.0, s["batches"])
+    print(f"messaging per message batch ({s['batches']:.0f} batches): {(s['msg_train'] + s['msg_eval']) / n:.3f} s, "
+          f"of which {s['msg_head'] / n:.3f} s before the first hospital call (push, Flower's pick-up, Ray, decode) "
+          f"and {s['msg_tail'] / n:.3f} s after the last (encode, Ray, Flower's pull)")
     print(f"CPU seconds over the whole simlab run (medians): driver {s['cpu_driver']:.1f}, Ray workers "
           f"{s['cpu_workers']:.1f}, Ray's other processes {s['cpu_ray_other']:.1f}")
     load_after = os.getloadavg()

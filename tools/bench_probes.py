@@ -101,11 +101,15 @@ def busy(intervals: list[tuple[float, float]], a: float, b: float) -> float:
     return total
 
 
-SPLIT = ("hosp_train", "hosp_eval", "setup", "msg_train", "msg_eval", "server")
+SPLIT = ("hosp_train", "hosp_eval", "setup", "msg_train", "msg_eval", "server", "msg_head", "msg_tail", "batches")
 
 
 def round_split(rounds: list[dict], ledger: list[dict], trace: list[dict]) -> dict[str, float]:
-    """Seconds, summed over ``rounds`` (rows of rounds.jsonl), of each part of :data:`SPLIT`."""
+    """Seconds, summed over ``rounds`` (rows of rounds.jsonl), of each part of :data:`SPLIT`; of the
+    messaging, ``msg_head`` is the time from sending a batch to the first hospital call (pushing
+    the messages, Flower's pick-up, Ray's transport, the ClientApp's decoding), ``msg_tail`` from the
+    last call's end to the replies at the server (encoding, Ray, Flower's pull); the rest of the
+    messaging lies between hospital calls. ``batches``: message batches sent."""
     compute = {k: [(e["a"], e["b"]) for e in trace if e["k"] in kinds]
                for k, kinds in (("train", ("train", "score")), ("eval", ("eval",)), ("setup", ("setup",)))}
     split = dict.fromkeys(SPLIT, 0.0)
@@ -113,10 +117,14 @@ def round_split(rounds: list[dict], ledger: list[dict], trace: list[dict]) -> di
         sends = [s for s in ledger if s["round"] == r["round"]]
         for s in sends:
             phase = "eval" if s["kind"].startswith("evaluate") else "train"
-            work = busy(compute[phase] + compute["setup"], s["a"], s["b"])
+            inside = [(x, y) for x, y in compute[phase] + compute["setup"] if y > s["a"] and x < s["b"]]
+            work = busy(inside, s["a"], s["b"])
             split[f"hosp_{phase}"] += busy(compute[phase], s["a"], s["b"])
             split["setup"] += busy(compute["setup"], s["a"], s["b"])
             split[f"msg_{phase}"] += (s["b"] - s["a"]) - work
+            split["msg_head"] += (min(x for x, _ in inside) if inside else s["b"]) - s["a"]
+            split["msg_tail"] += s["b"] - max((y for _, y in inside), default=s["b"])
+            split["batches"] += 1
         split["server"] += r["wall_time_s"] - sum(s["b"] - s["a"] for s in sends)
     return split
 

@@ -67,7 +67,9 @@ def scenario_dict(h: int, sampled: int | None, args, cache: str, arm: str) -> di
                     "north": {"scanner": {"bias_field": 0.2, "noise": 0.02, "blur": 0.6}}},
         "hospitals": [{"id": f"h{i:02d}", "size": args.images, "drift": drift(i)} for i in range(h)],
         "federation": {"rounds": args.rounds, "local_steps": args.steps, "batch_size": args.images,
-                       "lr": 0.005, "clients_per_round": sampled},
+                       "lr": 0.005, "clients_per_round": sampled,
+                       # a Ray that failed to start ends the run after these, not after 10 minutes
+                       "connect_timeout_s": 120, "round_timeout_s": 300},
         "continual": {"method": arm},
         "evaluation": {"every": 1, "test_size": args.test_size},
         "engine": {"cpus_per_client": 1, "device": "cpu"},
