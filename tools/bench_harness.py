@@ -237,11 +237,11 @@ def main() -> int:
             sim.append(through_flower(sc, Path(tmp) / f"run-{i}"))
             print(f"rep {i + 1}: bare {bare[-1]['total']:.1f} s, simlab {sim[-1]['total']:.1f} s "
                   f"(loop {sim[-1]['loop']:.1f} s)", flush=True)
+        if bare:
+            report(args, sc, bare, sim, load_before)
         if args.profile:
             Federation._send = send
             profile_flower(sc, Path(args.profile).resolve())
-    if bare:
-        report(args, sc, bare, sim, load_before)
     return 0
 
 
