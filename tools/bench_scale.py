@@ -213,8 +213,9 @@ def odex_bytes(results: dict, hs: list[int], args) -> list[str]:
 
 
 def memory_lines(results: dict, hs: list[int], args) -> list[str]:
-    """Driver peak memory against hospitals × model and pool × model."""
-    lines = []
+    """Driver peak memory against hospitals × model and pool × model; acceptance: the driver's peak
+    grows by less than half a model per added hospital (else it is O(hospitals × model))."""
+    lines, ok = [], True
     for arm in args.arms:
         for mode in ("all", "sampled"):
             keys = [k for k in ((arm, h, h if mode == "all" else min(args.sampled, h)) for h in hs) if k in results]
@@ -228,6 +229,12 @@ def memory_lines(results: dict, hs: list[int], args) -> list[str]:
                          f"hospitals x model would add {(keys[-1][1] - keys[0][1]) * model / MB:.0f} MB, "
                          f"sampled x model {(keys[-1][2] - keys[0][2]) * model / MB:.0f} MB, pool x model "
                          f"{hi['pool'] * model / MB:.1f} MB")
+            grows = d * MB > 0.5 * (keys[-1][1] - keys[0][1]) * model
+            ok &= not grows
+            if grows:
+                lines.append(f"{'':>19}  {d * MB / (keys[-1][1] - keys[0][1]) / model:.1f} models per added hospital: "
+                             f"O(hospitals x model)")
+    lines.append(f"acceptance, driver memory not O(hospitals x model): {'PASS' if ok else 'FAIL'}")
     return lines
 
 
