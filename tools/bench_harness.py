@@ -108,7 +108,7 @@ def through_flower(sc, run_dir: Path) -> dict[str, float]:
     enable_worker_trace(trace_dir)
     message_ledger(ledger)
     runlog = RunLog(run_dir, "bench")
-    procs = TreeMemory(interval=0.5)
+    procs = TreeMemory(interval=1.0, pss=False)  # for the CPU seconds; cheap, it runs in the driver
     procs.start()
     start = time.perf_counter()
     simulate(sc, runlog)
