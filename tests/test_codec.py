@@ -83,6 +83,37 @@ def test_typed_messages_round_trip_through_records():
     assert codec.decode_evaluate(codec.encode(pool)).domains == ["A", "C"]
 
 
+def test_arrays_travel_as_their_bytes_and_come_back_bit_for_bit():
+    import pickle
+
+    from flwr.app import Array, ArrayRecord
+
+    from simlab.federated import codec
+
+    rng = np.random.default_rng(5)
+    state = {"w": rng.standard_normal((4, 3, 3)).astype(np.float32),
+             "t": rng.standard_normal((3, 5)).T,  # not C-contiguous, float64
+             "be": rng.standard_normal(4).astype(">f4"),  # byte order kept
+             "n": np.array(7, dtype=np.int64),  # 0-d, like BatchNorm's num_batches_tracked
+             "mask": rng.random(6) > 0.5, "empty": np.zeros((0, 2), np.float32)}
+    record = codec.to_array_record(state)
+    assert {a.stype for a in record.values()} == {codec.RAW}
+    for back in (codec.from_array_record(record, like=state),
+                 codec.from_array_record(pickle.loads(pickle.dumps(record)), like=state)):
+        assert list(back) == list(state)
+        for k, v in state.items():
+            assert (back[k].dtype, back[k].shape) == (v.dtype, v.shape)
+            assert back[k].tobytes() == np.ascontiguousarray(v).tobytes()
+            assert back[k].flags.writeable and not np.shares_memory(back[k], v)
+    assert codec.from_array_record(record)["n"].shape == (1,)  # 0-d travels as (1,), as in Flower's format
+    assert codec.records_nbytes({"r": record}) == sum(v.nbytes for v in state.values())
+    native = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})  # Flower's .npy format
+    from_native = codec.from_array_record(native)
+    assert all(from_native[k].tobytes() == np.ascontiguousarray(v).tobytes() and from_native[k].shape
+               == codec.from_array_record(record)[k].shape for k, v in state.items())
+    assert codec.records_nbytes({"r": native}) == codec.records_nbytes({"r": record})
+
+
 def test_encoder_converts_a_shared_model_once_per_broadcast():
     from simlab.federated import codec
 
