@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_probes import load_line  # noqa: E402 (tools/ is this script's directory)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simlab.engine.simulation import simulate  # noqa: E402
@@ -96,9 +98,7 @@ def main() -> int:
     if len(ratios) > 1:
         print(f"ODEx / sequential over {len(ratios)} repeats: " + ", ".join(f"{r:.3f}" for r in ratios)
               + f"; median {float(np.median(ratios)):.3f}")
-    load_after = os.getloadavg()
-    print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
-          + "; after: " + ", ".join(f"{x:.2f}" for x in load_after))
+    print(load_line(load_before))
     return 0
 
 

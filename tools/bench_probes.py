@@ -25,6 +25,12 @@ TRACE_DIR = Path(__file__).resolve().parent / "worker_trace"
 
 
 # ------------------------------------------------------------------------------ messages
+def load_line(before: tuple[float, ...]) -> str:
+    """The machine's load average before a benchmark and now: how much else was running."""
+    fmt = lambda load: ", ".join(f"{x:.2f}" for x in load)  # noqa: E731
+    return f"load average (1, 5, 15 min) before: {fmt(before)}; after: {fmt(os.getloadavg())}"
+
+
 def request_parts(req) -> dict[str, int]:
     """Bytes of each part of a request: model, pool members, histories, FedDG bank."""
     from simlab.federated import codec

@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_probes import TRACE_DIR, TreeMemory, message_ledger, read_trace, round_split
+from bench_probes import TRACE_DIR, load_line, TreeMemory, message_ledger, read_trace, round_split
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -312,9 +312,7 @@ def main() -> int:
     print("\n".join(odex_bytes(results, hs, args)))
     print("\ndriver (server) memory")
     print("\n".join(memory_lines(results, hs, args)))
-    load_after = os.getloadavg()
-    print("load average (1, 5, 15 min) before: " + ", ".join(f"{x:.2f}" for x in load_before)
-          + "; after: " + ", ".join(f"{x:.2f}" for x in load_after))
+    print(load_line(load_before))
     return 0
 
 
