@@ -3,6 +3,8 @@ upper bound."""
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,27 @@ def test_upper_bound_samples_the_whole_stream_iid_from_round_one():
     assert (other[:, 0, 0, 0].astype(int) != drawn[3]).any()
     with pytest.raises(ValueError, match="last round"):
         ub.training_set(tagged_window, 3, {}, seed=1, last_round=None)
+
+
+CPU_ISA_PROBE = ("import os, torch, simlab; x = torch.randn(4, 8); (x @ x.T).sum(); "
+                 "print(os.environ['ATEN_CPU_CAPABILITY'], os.environ['ONEDNN_MAX_CPU_ISA'], "
+                 "torch.backends.cpu.get_cpu_capability())")
+
+
+def _isa_probe(**env_vars) -> list[str]:
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env.update(env_vars)
+    out = subprocess.run([sys.executable, "-c", CPU_ISA_PROBE], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64")
+                    or "avx2" not in open("/proc/cpuinfo").read(), reason="x86-64 with AVX2 only")
+def test_importing_simlab_pins_cpu_kernels_to_avx2_unless_the_environment_says_otherwise():
+    """AVX-512 kernels round differently from AVX2 ones, so without the pin the same seed gives other
+    numbers on another CPU (the regression baseline's replay-ida forgetting: 0.014 vs 0.079)."""
+    assert _isa_probe() == ["avx2", "AVX2", "AVX2"]
+    assert _isa_probe(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41") == ["default", "SSE41", "DEFAULT"]
