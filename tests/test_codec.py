@@ -67,7 +67,7 @@ def test_typed_messages_round_trip_through_records():
     fb = entry.first_block
     reply = codec.TrainReply(model, {"train_loss": 0.5, "num_examples": 8.0}, entry, {"m0": [0.1], "member": 0})
     content = codec.encode(reply)
-    assert not any(k.startswith("fb.") for k in content["entry"])  # the first block never travels up
+    assert not any(k.startswith("fb.") for k in codec.from_array_record(content["entry"]))  # the first block never travels up
     got = codec.decode_train_reply(content, like=model, first_block=fb)
     assert got.metrics["num-examples"] == 8.0 and got.shift["member"] == 0
     _assert_same_entry(got.entry, entry)
@@ -83,7 +83,9 @@ def test_typed_messages_round_trip_through_records():
     assert codec.decode_evaluate(codec.encode(pool)).domains == ["A", "C"]
 
 
-def test_arrays_travel_as_their_bytes_and_come_back_bit_for_bit():
+def test_a_record_travels_as_one_packed_array_and_comes_back_bit_for_bit():
+    """One Flower object per record, not per array (a deployment moves each object in a request of
+    its own); names, order, dtypes (byte order too), shapes (0-d and empty too) and bits kept."""
     import pickle
 
     from flwr.app import Array, ArrayRecord
@@ -95,23 +97,25 @@ def test_arrays_travel_as_their_bytes_and_come_back_bit_for_bit():
              "t": rng.standard_normal((3, 5)).T,  # not C-contiguous, float64
              "be": rng.standard_normal(4).astype(">f4"),  # byte order kept
              "n": np.array(7, dtype=np.int64),  # 0-d, like BatchNorm's num_batches_tracked
-             "mask": rng.random(6) > 0.5, "empty": np.zeros((0, 2), np.float32)}
+             "mask": rng.random(6) > 0.5, "empty": np.zeros((0, 2), np.float32), "ä/name.with dots": np.ones(2)}
     record = codec.to_array_record(state)
-    assert {a.stype for a in record.values()} == {codec.RAW}
-    for back in (codec.from_array_record(record, like=state),
-                 codec.from_array_record(pickle.loads(pickle.dumps(record)), like=state)):
+    assert list(record) == [codec.PACKED] and record[codec.PACKED].stype == codec.PACKED
+    for back in (codec.from_array_record(record), codec.from_array_record(record, like=state),
+                 codec.from_array_record(pickle.loads(pickle.dumps(record)))):
         assert list(back) == list(state)
         for k, v in state.items():
             assert (back[k].dtype, back[k].shape) == (v.dtype, v.shape)
             assert back[k].tobytes() == np.ascontiguousarray(v).tobytes()
-            assert back[k].flags.writeable and not np.shares_memory(back[k], v)
-    assert codec.from_array_record(record)["n"].shape == (1,)  # 0-d travels as (1,), as in Flower's format
-    assert codec.records_nbytes({"r": record}) == sum(v.nbytes for v in state.values())
-    native = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})  # Flower's .npy format
-    from_native = codec.from_array_record(native)
-    assert all(from_native[k].tobytes() == np.ascontiguousarray(v).tobytes() and from_native[k].shape
-               == codec.from_array_record(record)[k].shape for k, v in state.items())
-    assert codec.records_nbytes({"r": native}) == codec.records_nbytes({"r": record})
+            assert back[k].flags.writeable and back[k].flags.c_contiguous and not np.shares_memory(back[k], v)
+    assert codec.records_nbytes({"r": record}) == sum(v.nbytes for v in state.values())  # headers not counted
+    assert codec.from_array_record(codec.to_array_record({})) == {}
+    # records of one Array per name still read: simlab's earlier RAW arrays and Flower's .npy format
+    for per_name in (ArrayRecord({k: codec.to_array(v) for k, v in state.items()}),
+                     ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})):
+        back = codec.from_array_record(per_name, like=state)
+        assert all(back[k].tobytes() == np.ascontiguousarray(v).tobytes() and back[k].shape == v.shape
+                   for k, v in state.items())
+        assert codec.records_nbytes({"r": per_name}) == codec.records_nbytes({"r": record})
 
 
 def test_encoder_converts_a_shared_model_once_per_broadcast():

@@ -35,33 +35,71 @@ FIRST_BLOCK = "fb."
 
 # ------------------------------------------------------------------------------ arrays
 RAW = "simlab.raw"
-"""``Array.stype`` of simlab's arrays: ``data`` is the array's bytes in C order, ``dtype`` its numpy
-dtype string with byte order (``'<f4'``), ``shape`` its shape. Flower's own format (``numpy.ndarray``)
-is a ``.npy`` file per array, whose header numpy parses with a Python literal parser on every read:
-for a U-Net of 82 arrays that costs tens of milliseconds per model and message, against well under
-one for the bytes. Records in Flower's format are still read (:func:`array_numpy`)."""
+"""``Array.stype`` of one array as its bytes: ``data`` is the array's bytes in C order, ``dtype`` its
+numpy dtype string with byte order (``'<f4'``), ``shape`` its shape. Flower's own format
+(``numpy.ndarray``) is a ``.npy`` file per array, whose header numpy parses with a Python literal parser
+on every read: for a U-Net of 82 arrays that costs tens of milliseconds per model and message, against
+well under one for the bytes. Records in either format are still read (:func:`from_array_record`)."""
+
+PACKED = "simlab.packed"
+"""``Array.stype`` of a whole record packed into one array, under the key :data:`PACKED`: ``data`` is an
+8-byte little-endian header length, a JSON header ``[[name, dtype, shape], ...]`` and the arrays' bytes
+in C order, one after the other. Flower moves every Array of a message as an object of its own: in a
+deployment that is one HTTPS request per array and hop (a U-Net: 82 arrays, so some 250 requests per
+hospital and round for the model alone, each costing the single SuperLink process its TLS and node
+authentication work), where a packed record costs one. In simulation the objects stay in memory and
+the bytes are the same."""
 
 
 def to_array(v: np.ndarray) -> Array:
-    v = np.ascontiguousarray(v)  # a 0-d array becomes shape (1,), as it always has (see from_array_record)
+    v = np.ascontiguousarray(v)
     return Array(dtype=v.dtype.str, shape=tuple(int(n) for n in v.shape), stype=RAW, data=v.tobytes())
 
 
 def array_numpy(a: Array) -> np.ndarray:
-    """The array an :class:`~flwr.app.Array` holds, writable and owning its memory, in either format."""
+    """The array an :class:`~flwr.app.Array` holds (RAW or Flower's format), writable, owning its memory."""
     if a.stype != RAW:
         return a.numpy()
     return np.frombuffer(a.data, dtype=np.dtype(a.dtype)).reshape(a.shape).copy()
 
 
+def _pack(state: State) -> Array:
+    arrays = {k: np.asarray(v, order="C") for k, v in state.items()}  # ascontiguousarray makes 0-d 1-d
+    header = json.dumps([[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]).encode()
+    data = b"".join([len(header).to_bytes(8, "little"), header, *(v.tobytes() for v in arrays.values())])
+    return Array(dtype="|u1", shape=(len(data),), stype=PACKED, data=data)
+
+
+def _packed_header(a: Array) -> tuple[list, int]:
+    """(header entries, offset of the first array's bytes) of a :data:`PACKED` array."""
+    n = int.from_bytes(a.data[:8], "little")
+    return json.loads(a.data[8:8 + n]), 8 + n
+
+
+def _unpack(a: Array) -> State:
+    entries, offset = _packed_header(a)
+    view, out = memoryview(a.data), {}
+    for name, dtype, shape in entries:
+        dt = np.dtype(dtype)
+        size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+        out[name] = np.frombuffer(view[offset:offset + size], dtype=dt).reshape(shape).copy()
+        offset += size
+    return out
+
+
 def to_array_record(state: State) -> ArrayRecord:
-    return ArrayRecord({k: to_array(v) for k, v in state.items()})
+    """``state`` as one :data:`PACKED` array (names, dtypes, shapes and order kept exactly)."""
+    return ArrayRecord({PACKED: _pack(state)})
 
 
 def from_array_record(record: ArrayRecord, like: State | None = None) -> State:
-    """Arrays back from a record. Transport may turn 0-d arrays (BatchNorm's num_batches_tracked) into
-    shape (1,); with ``like`` every array is given back the reference's shape (same size required)."""
-    out = {k: array_numpy(v) for k, v in record.items()}
+    """Arrays back from a record: packed (:func:`to_array_record`) or one Array per name (RAW, or
+    Flower's format, where a 0-d array such as BatchNorm's num_batches_tracked arrives with shape (1,));
+    with ``like`` every array is given back the reference's shape (same size required)."""
+    if PACKED in record and record[PACKED].stype == PACKED:
+        out = _unpack(record[PACKED])
+    else:
+        out = {k: array_numpy(v) for k, v in record.items()}
     if like is not None:
         for k, ref in like.items():
             if k in out and out[k].shape != ref.shape and out[k].size == ref.size:
@@ -73,9 +111,16 @@ def state_nbytes(state: State) -> int:
     return int(sum(v.nbytes for v in state.values()))
 
 
+def _array_nbytes(a: Array) -> int:
+    if a.stype == PACKED:
+        entries, _ = _packed_header(a)
+        return int(sum(np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in entries))
+    return len(a.data) if a.stype == RAW else int(a.numpy().nbytes)
+
+
 def records_nbytes(records: dict[str, ArrayRecord]) -> int:
-    """Bytes of the arrays the records hold (without Flower's per-array headers)."""
-    return int(sum(len(v.data) if v.stype == RAW else v.numpy().nbytes for r in records.values() for v in r.values()))
+    """Bytes of the arrays the records hold (without headers: what rounds.jsonl counts)."""
+    return int(sum(_array_nbytes(v) for r in records.values() for v in r.values()))
 
 
 def pack_histories(histories: dict[int, list]) -> dict[str, ArrayRecord]:
