@@ -3,10 +3,9 @@ per hospital, runs submitted with `flwr run` and followed by status polling.
 
 Unit tests (fast): the PKI (certificate chain, SANs, OpenSSH EC P-384 keys), port picking, node-config
 quoting, process bookkeeping (the Flower app itself, its run config and FAB: tests/test_flwr_run.py).
-Integration (marked ``flower``, one deployment shared by three tests; 10 min on a 2-CPU machine shared
-with other jobs at load 10, dominated by Flower starting a fresh ClientApp process, which imports torch
-and MONAI, for every message at every hospital): the same
-scenario gives the same metrics as simulation; a 4th SuperNode with an unregistered key is refused; a
+Integration (marked ``flower``, one deployment shared by the tests; each SuperNode runs simlab's warm
+ClientApp worker, one long-lived process for every message, with its idle waits capped at 0.2 s): the
+same scenario gives the same metrics as simulation, every message of a node ran in its one worker; a 4th SuperNode with an unregistered key is refused; a
 hospital with a wrong node config ends the run with a clear error instead of hanging; a hospital
 failing in round 2 is recorded while the others' metrics stay complete; a ServerApp killed after round 1
 is resumed from its checkpoint and ends with the metrics of an uninterrupted run.
@@ -52,6 +51,7 @@ evaluation: {{every: 2, test_size: 4, at_boundaries: false}}
 """
 HOSPITALS = ["h1", "h2", "h3"]
 RUN_TIMEOUT = 600.0  # generous: a 2-CPU machine shared with other jobs
+POLL_S = 0.2  # SuperNodes' idle waits (Flower's: 3 s)
 
 
 # ------------------------------------------------------------------------------------------------ PKI
@@ -256,6 +256,31 @@ def test_stop_finds_helpers_of_a_process_that_already_exited(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_the_supernode_waits_capped_are_still_flowers_and_only_that_module_s():
+    """--poll-interval replaces ``time`` in Flower's SuperNode loop module only; the waits it shortens
+    (3 s after an empty pull, 0.5 s polls for the ClientApp's reply) are still there in this Flower."""
+    import inspect
+
+    from flwr.supernode import start_client_internal as sci
+
+    from simlab.engine.supernode import cap_idle_waits, runtime_api_address
+
+    src = inspect.getsource(sci)
+    assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
+    assert {n for n in __import__("re").findall(r"\btime\.(\w+)", src)} == {"sleep"}
+    original = sci.time
+    try:
+        cap_idle_waits(0.01)
+        t0 = time.perf_counter()
+        sci.time.sleep(3)
+        assert time.perf_counter() - t0 < 1.0
+        assert sci.time.monotonic is time.monotonic and time.sleep is not sci.time.sleep
+    finally:
+        sci.time = original
+    assert runtime_api_address(["--superlink", "x:1", "--host", "0.0.0.0", "--port", "9100"]) == "127.0.0.1:9100"
+    assert runtime_api_address(["--insecure"]) == "127.0.0.1:9094"
+
+
 # --------------------------------------------------------------------------------------- integration
 def _needs_node_config_support() -> None:
     """data-dir and fail-at-round are node-config keys the ClientApp must honour."""
@@ -357,11 +382,13 @@ def deployment(tmp_path_factory):
         t0 = time.perf_counter()
         dep = Deployment(root / "state")
         monitor = ResourceMonitor(dep, exclude={"intruder"}).__enter__()
-        bring_up(dep, pki, HOSPITALS, data_dir=root / "sites")
+        bring_up(dep, pki, HOSPITALS, data_dir=root / "sites", poll_s=POLL_S)
         up_s = time.perf_counter() - t0
         intruder = dep.start_supernode("intruder", {"hospital-id": "h1"}, private_key=pki.node_key("intruder"))
-        yield {"root": root, "scenario": scenario, "pki": pki, "dep": dep, "intruder": intruder,
+        ctx = {"root": root, "scenario": scenario, "pki": pki, "dep": dep, "intruder": intruder,
                "monitor": monitor, "up_s": up_s}
+        yield ctx
+        dep = ctx["dep"]  # a test may have picked the deployment up again from its state directory
     finally:
         if dep is not None:
             monitor.__exit__(None, None, None)
@@ -408,12 +435,20 @@ def test_deployment_matches_simulation(deployment):
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert a["failed_updates"] == 0 and a["bytes_total"] == b["bytes_total"]
 
+    # Every message a node received ran in its one warm worker: no ClientApp process per message.
+    for h in HOSPITALS:
+        log = (dep.logs / f"supernode-{h}.log").read_text(errors="replace")
+        assert log.count("serving the ClientApp of the SuperNode") == 1, h
+        assert "task 3 done: completed" in log, h  # identify and two rounds of training at least
+        assert "Start `flwr-clientapp` process" not in log, h
+
     # The unregistered SuperNode was refused by the SuperLink (Flower exit code 305) and never joined.
     intruder = deployment["intruder"]
     rc = dep.wait_exit(intruder, 60)
     assert rc not in (None, 0), rc
     assert "Exit Code: 305" in Path(intruder.log).read_text()
     assert len([n for n in dep.supernodes() if n["status"] == "online"]) == 3
+    dep.stop(["intruder"])  # forget it: `tools/deploy restart` starts every recorded process that died
 
 
 def _serverapp_pids(dep: Deployment) -> list[int]:
@@ -430,24 +465,30 @@ def _serverapp_pids(dep: Deployment) -> list[int]:
     return pids
 
 
-@pytest.mark.flower
-def test_killed_server_app_resumes_to_identical_metrics(deployment):
-    """The ServerApp process is SIGKILLed once round 1 of a 2-round EWC run is logged (each hospital keeps
-    its Fisher between rounds, saved in its node's state-dir); `simlab run --resume RUN_DIR` submits a new
-    Flower run that continues from the checkpoint. The final metrics.jsonl equals, byte for byte, the
-    same scenario run uninterrupted in simulation (which the first test shows equal to a deployment)."""
-    from simlab.cli import main
+EWC = ["continual.method=ewc"]  # 2 rounds: interrupted after round 1, round 2 needs round 1's Fisher
+
+
+@pytest.fixture(scope="module")
+def ewc_reference(deployment) -> bytes:
+    """metrics.jsonl of the EWC arm simulated without interruption (the first test shows a deployment
+    gives a simulation's metrics): what every interrupted and resumed deployment must end with."""
     from simlab.runner import run_scenario
     from simlab.scenario.schema import load_scenario
 
-    dep, root = deployment["dep"], deployment["root"]
-    overrides = ["continual.method=ewc"]  # 2 rounds: killed after round 1, round 2 needs round 1's Fisher
-    out = root / "run-killed"
+    out = deployment["root"] / "run-ewc-sim"
+    sim_dir, _ = run_scenario(load_scenario(deployment["scenario"], EWC, out=str(out)))
+    return (sim_dir / "metrics.jsonl").read_bytes()
+
+
+def _interrupt_after_round_1(deployment, out: Path, kill) -> None:
+    """Run the EWC arm on the deployment in a thread, call ``kill()`` once round 1 is logged and check
+    that the run failed with round 2 not done."""
     failure: dict = {}
 
     def first_attempt():
         try:
-            run_deployment(deployment["scenario"], dep, overrides=overrides, out=str(out), timeout_s=RUN_TIMEOUT)
+            run_deployment(deployment["scenario"], deployment["dep"], overrides=EWC, out=str(out),
+                           timeout_s=RUN_TIMEOUT)
         except DeploymentError as exc:
             failure["error"] = exc
 
@@ -457,25 +498,74 @@ def test_killed_server_app_resumes_to_identical_metrics(deployment):
     while not any(r["round"] >= 1 for r in _cost_rows(out)):
         assert thread.is_alive() and time.monotonic() < deadline, "round 1 never came"
         time.sleep(0.1)
-    pids = _serverapp_pids(dep)
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
-    t_kill = time.perf_counter()
-    # Flower would mark the run failed after its 60 s heartbeat timeout; stop it now instead
-    run_id = json.loads((out / "run.json").read_text())["flower_runs"]["ewc"]
-    dep.flwr("stop", str(run_id), CONNECTION, check=False)
+    kill()
     thread.join(timeout=RUN_TIMEOUT)
     assert "error" in failure and (out / "FAILED").exists()
     assert max(r["round"] for r in _cost_rows(out)) < 2
 
+
+def _resume_to(out: Path, reference: bytes) -> float:
+    """``simlab run --resume`` the run directory; its metrics.jsonl must equal ``reference`` byte for byte.
+    Returns the seconds the resumed run took."""
+    from simlab.cli import main
+
+    t0 = time.perf_counter()
     assert main(["run", "--resume", str(out), "--quiet", "--no-report"]) == 0
-    resume_s = time.perf_counter() - t_kill
     assert not (out / "FAILED").exists()
-    sim_dir, _ = run_scenario(load_scenario(deployment["scenario"], overrides, out=str(root / "run-killed-sim")))
-    assert (out / "metrics.jsonl").read_bytes() == (sim_dir / "metrics.jsonl").read_bytes()
+    assert (out / "metrics.jsonl").read_bytes() == reference
     assert [r["round"] for r in _cost_rows(out)] == [0, 1, 2]
+    return time.perf_counter() - t0
+
+
+@pytest.mark.flower
+def test_killed_server_app_resumes_to_identical_metrics(deployment, ewc_reference):
+    """The ServerApp process is SIGKILLed once round 1 of a 2-round EWC run is logged (each hospital keeps
+    its Fisher between rounds, saved in its node's state-dir); `simlab run --resume RUN_DIR` submits a new
+    Flower run that continues from the checkpoint, ending with the uninterrupted run's metrics.jsonl."""
+    dep, root = deployment["dep"], deployment["root"]
+    out = root / "run-killed"
+
+    def kill_server_app():
+        pids = _serverapp_pids(dep)
+        assert len(pids) == 1, pids
+        os.kill(pids[0], signal.SIGKILL)
+        # Flower would mark the run failed after its 60 s heartbeat timeout; stop it now instead
+        run_id = json.loads((out / "run.json").read_text())["flower_runs"]["ewc"]
+        dep.flwr("stop", str(run_id), CONNECTION, check=False)
+
+    _interrupt_after_round_1(deployment, out, kill_server_app)
+    resume_s = _resume_to(out, ewc_reference)
     assert all(any((root / "state" / "hospital-state" / h).rglob("round-*.npz")) for h in HOSPITALS)
     print(f"loopback deployment: ServerApp killed after round 1, resumed and finished in {resume_s:.0f} s")
+
+
+@pytest.mark.flower
+def test_killed_superlink_restarts_with_its_nodes_and_the_run_resumes(deployment, ewc_reference):
+    """The SuperLink (with its ServerApp) is SIGKILLed after round 1. `tools/deploy restart` starts it
+    again on its port with its database: it still knows the registered SuperNode keys and node ids, the
+    SuperNodes that kept running reconnect without being registered again, and `simlab run --resume`
+    ends with the uninterrupted run's metrics.jsonl."""
+    dep, root = deployment["dep"], deployment["root"]
+    before = sorted(int(n["node-id"]) for n in dep.supernodes() if n["status"] == "online")
+    link = next(r for r in dep.records if r.role == "superlink" and r.alive())
+    out = root / "run-link-killed"
+
+    def kill_superlink():
+        for pid in [link.pid, *descendants(link.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    _interrupt_after_round_1(deployment, out, kill_superlink)
+    assert deploy_main(["restart", "--state", str(dep.state_dir)]) == 0
+    dep = Deployment(dep.state_dir)  # as another process would pick it up
+    deployment["dep"] = dep
+    assert (dep.state_dir / "superlink.db").is_file()
+    dep.wait_online(3, timeout=120)
+    assert sorted(int(n["node-id"]) for n in dep.supernodes() if n["status"] == "online") == before
+    resume_s = _resume_to(out, ewc_reference)
+    print(f"loopback deployment: SuperLink killed after round 1, restarted, resumed and finished in {resume_s:.0f} s")
 
 
 def _cost_rows(run_dir: Path) -> list[dict]:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simlab.engine.deploy_run import bring_up, run_deployment
-from simlab.engine.deployment import Deployment
-from simlab.engine.flwr_config import CONNECTION, DeploymentError, node_config_arg
+from simlab.engine.deployment import Deployment, supernode_command
+from simlab.engine.flwr_config import CONNECTION, DeploymentError
 from simlab.engine.pki import Pki, make_pki
 
 HELP = """\
@@ -21,12 +21,14 @@ TLS and SuperNode authentication on.
 
   tools/deploy pki DIR [--node NAME ...] [--dns NAME ...] [--ip ADDR ...]
   tools/deploy up SCENARIO.yaml --pki DIR --state DIR [--hospitals N] [--data-dir DIR] [--host H] [--port P]
+                  [--executor warm|flower] [--poll-interval S]
   tools/deploy run SCENARIO.yaml --state DIR [--out RUN_DIR] [--set k=v ...] [--seed N] [--timeout S]
   tools/deploy status --state DIR          processes, SuperNodes and runs
   tools/deploy logs RUN_ID --state DIR
   tools/deploy register KEY.pub --state DIR    admit a remote hospital's SuperNode
   tools/deploy node --superlink HOST:PORT --ca ca.crt --key KEY --hospital ID [--data-dir DIR] [--state-dir DIR]
-                    [--port P]
+                    [--port P] [--executor warm|flower] [--poll-interval S]
+  tools/deploy restart --state DIR          start again what died (the SuperLink first, with its database)
   tools/deploy down --state DIR             stop every process `up` started (SuperNodes first)
 
 See docs/deployment.md for a walk-through on one machine and across machines.
@@ -56,6 +58,7 @@ def _add_up_and_run(sub) -> None:
     u.add_argument("--port", type=int, default=0, help="SuperLink port (default: a free one)")
     u.add_argument("--public-address", default=None, help="host:port SuperNodes dial (must be in the certificate)")
     u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_node_runtime(u)
 
     r = sub.add_parser("run", help="run every arm of a scenario on the deployment and write a run directory")
     r.add_argument("scenario")
@@ -65,6 +68,14 @@ def _add_up_and_run(sub) -> None:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--timeout", type=float, default=None, help="seconds per arm (default: from round_timeout_s)")
     r.add_argument("--app", default=None, help="Flower app directory (default: simlab's own, from its source tree)")
+
+
+def _add_node_runtime(p) -> None:
+    p.add_argument("--executor", choices=("warm", "flower"), default="warm",
+                   help="warm: one long-lived ClientApp process per SuperNode runs every message (default); "
+                        "flower: Flower's flwr-clientapp process per message")
+    p.add_argument("--poll-interval", type=float, default=None, metavar="S",
+                   help="cap each SuperNode's idle waits at S seconds (default: Flower's 3 s between empty pulls)")
 
 
 def _add_admin(sub) -> None:
@@ -88,6 +99,10 @@ def _add_admin(sub) -> None:
     n.add_argument("--state-dir", default=None, help="where this hospital saves method state between rounds "
                                                      "(needed by EWC and replay arms)")
     n.add_argument("--port", type=int, default=9094, help="local runtime API port (distinct per SuperNode)")
+    _add_node_runtime(n)
+
+    rs = sub.add_parser("restart", help="start again every process of a deployment that died (SuperLink first)")
+    rs.add_argument("--state", required=True)
 
     d = sub.add_parser("down", help="stop every process of a deployment")
     d.add_argument("--state", required=True)
@@ -125,7 +140,7 @@ def _up(args) -> int:
     pki = Pki(Path(args.pki).resolve())
     pki.check()
     dep = bring_up(args.state, pki, ids[:n], data_dir=args.data_dir, host=args.host, port=args.port,
-                   public_address=args.public_address)
+                   public_address=args.public_address, executor=args.executor, poll_s=args.poll_interval)
     print(f"SuperLink at {dep.address} (TLS, SuperNode auth); {n} SuperNode(s) online: {', '.join(ids[:n])}")
     if n < len(ids):
         print(f"waiting for remote hospitals: {', '.join(ids[n:])} (register their keys with `tools/deploy register`)")
@@ -173,14 +188,20 @@ def _node(args) -> int:
         cfg["data-dir"] = str(Path(args.data_dir).resolve())
     if args.state_dir:
         cfg["state-dir"] = str(Path(args.state_dir).resolve())
-    cmd = [Deployment.tool("flower-supernode"), "--superlink", args.superlink, "--port", str(args.port),
-           "--root-certificates", str(Path(args.ca).resolve()), "--auth-supernode-private-key",
-           str(Path(args.key).resolve()), "--node-config", node_config_arg(cfg)]
+    cmd = supernode_command(args.superlink, args.port, cfg, ca=Path(args.ca).resolve(),
+                            private_key=Path(args.key).resolve(), executor=args.executor, poll_s=args.poll_interval)
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     print(f"$ {shlex.join(cmd)}", flush=True)
-    os.execvpe(cmd[0], cmd, env)
+    os.execve(cmd[0], cmd, env)
     return 1  # not reached: the SuperNode replaces this process
+
+
+def _restart(args) -> int:
+    dep = Deployment(args.state)
+    started = dep.restart()
+    print(f"started again: {', '.join(f'{r.role} {r.name}' for r in started) or 'nothing (every process runs)'}")
+    return 0
 
 
 def _down(args) -> int:
@@ -193,7 +214,7 @@ def _down(args) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pki": _pki, "up": _up, "run": _run, "status": _status, "logs": _logs, "register": _register, "node": _node,
-    "down": _down,
+    "restart": _restart, "down": _down,
 }
 
 

@@ -16,22 +16,36 @@ from simlab.engine.procs import free_ports
 from simlab.rundir import clear_failed, read_run_info, resume_inputs, run_arms, start_run_dir, write_run_info
 
 
+SUPERLINK_DB = "superlink.db"
+"""The SuperLink's state in the deployment's state directory (``flower-superlink --database``): registered
+SuperNode keys, node ids and runs survive a SuperLink restart (:meth:`Deployment.restart`)."""
+
+
 def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[str], *, data_dir: str | Path | None = None,
              host: str = "127.0.0.1", port: int = 0, public_address: str | None = None,
              node_config: Mapping[str, Mapping[str, str | int]] | None = None,
-             online_timeout: float = 60.0) -> Deployment:
+             online_timeout: float = 60.0, executor: str = "warm", poll_s: float | None = None) -> Deployment:
     """SuperLink (TLS + node auth with a PKI) and one registered SuperNode per hospital, all online.
 
     Each SuperNode's node config is ``hospital-id=<id>``, ``state-dir=<state>/hospital-state/<id>``
     (where the hospital saves method state that must survive a server restart) and, with ``data_dir``,
     ``data-dir=<data_dir>/<id>`` (created); ``node_config[<id>]`` adds or replaces keys. Keys missing
-    from the PKI are created.
+    from the PKI are created. ``executor`` and ``poll_s``: how each SuperNode runs its ClientApp and how
+    long it waits when idle (:meth:`Deployment.start_supernode`).
     ``state`` is a state directory or a :class:`Deployment` on one. On any failure every process started
     so far is stopped before the error is raised.
     """
     dep = state if isinstance(state, Deployment) else Deployment(state)
+    if dep.running():
+        raise DeploymentError(f"{dep.state_dir}: processes of this deployment are still running (tools/deploy "
+                              f"status); stop them with tools/deploy down, or start what died with tools/deploy "
+                              f"restart")
+    dep.forget_exited()  # a new deployment: nothing of an old one is restarted, no nodes or runs kept
+    for stale in dep.state_dir.glob(SUPERLINK_DB + "*"):
+        stale.unlink()
     try:
-        dep.start_superlink(pki, host=host, port=port, public_address=public_address)
+        dep.start_superlink(pki, host=host, port=port, public_address=public_address,
+                            database=dep.state_dir / SUPERLINK_DB)
         if pki is not None:
             add_node_keys(pki, hospitals)
             for hid in hospitals:
@@ -44,7 +58,8 @@ def bring_up(state: str | Path | Deployment, pki: Pki | None, hospitals: list[st
                 d.mkdir(parents=True, exist_ok=True)
                 cfg["data-dir"] = str(d)
             cfg.update((node_config or {}).get(hid, {}))
-            dep.start_supernode(hid, cfg, private_key=pki.node_key(hid) if pki else None, port=p)
+            dep.start_supernode(hid, cfg, private_key=pki.node_key(hid) if pki else None, port=p,
+                                executor=executor, poll_s=poll_s)
         dep.wait_online(len(hospitals), online_timeout, watch=hospitals)
         return dep
     except BaseException:
@@ -108,11 +123,13 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
                              "overrides": json.dumps(server_overrides), "resume": resume_dir is not None}, app_dir)
         info["flower_runs"] = {**info.get("flower_runs", {}), arm: run_id}
         write_run_info(run_dir, info)
-        try:
-            st = dep.wait(run_id, timeout_s or default_timeout(sc))
+        log_path = run_dir / f"flower-{arm}.log"
+        try:  # one `flwr log --stream` for the whole run, not a `flwr ls` (2 s of CPU) every 2 s
+            st = dep.follow(run_id, log_path, timeout_s or default_timeout(sc))
         finally:
-            (run_dir / f"flower-{arm}.log").write_text(dep.run_logs(run_id), encoding="utf-8")
-        raise_unless_completed(arm, run_id, st, run_dir / f"flower-{arm}.log")
+            if not log_path.is_file() or not log_path.stat().st_size:
+                log_path.write_text(dep.run_logs(run_id), encoding="utf-8")
+        raise_unless_completed(arm, run_id, st, log_path)
 
     return run_dir, run_arms(run_dir, loaded, run_arm, resume=resume_dir is not None)
 

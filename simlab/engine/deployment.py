@@ -74,6 +74,27 @@ def stage_app(source: Path, dest: Path) -> Path:
     return dest
 
 
+def dial_host(host: str) -> str:
+    """The address a process on this machine dials for a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def supernode_command(superlink: str, port: int, node_config: Mapping[str, str | int | float | bool], *,
+                      ca: str | Path | None, private_key: str | Path | None, executor: str = "warm",
+                      poll_s: float | None = None) -> list[str]:
+    """The command of one hospital's SuperNode: ``python -m simlab.engine.supernode`` with its options
+    (``--executor``, ``--poll-interval``), then ``flower-supernode``'s (no ``ca``: insecure, loopback
+    tests only)."""
+    cmd = [sys.executable, "-m", "simlab.engine.supernode", "--executor", executor]
+    if poll_s is not None:
+        cmd += ["--poll-interval", str(poll_s)]
+    cmd += ["--superlink", superlink, "--port", str(port), "--node-config", node_config_arg(node_config)]
+    cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key)]
+    return cmd
+
+
 class Deployment:
     """Processes, configuration and runs of one deployment, all under ``state_dir``::
 
@@ -210,12 +231,29 @@ class Deployment:
             cmd += ["--database", str(database)]
         if simulation:
             cmd += ["--simulation"]
-        dial_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.address = public_address or f"{dial_host}:{port}"
+        self.address = public_address or f"{dial_host(host)}:{port}"
         rec = self._spawn("superlink", "superlink", cmd, port)
         self.write_connection()
-        self._wait_health(rec, f"{dial_host}:{port}", timeout)
+        self._wait_health(rec, f"{dial_host(host)}:{port}", timeout)
         return rec
+
+    def restart(self, timeout: float = 60.0) -> list[ProcRecord]:
+        """Start again, with its own command, port and log, every recorded process that is no longer
+        running (the SuperLink first, then SuperNodes); returns the new records. After a SuperLink
+        crash: with its database (``start_superlink(database=...)``; :func:`~simlab.engine.deploy_run.bring_up`
+        keeps it in the state directory) the restarted SuperLink still knows the registered SuperNode
+        keys and node ids, and the SuperNodes that kept running reconnect by themselves."""
+        dead = sorted((r for r in self.records if not r.alive()), key=lambda r: r.role != "superlink")
+        started = []
+        for old in dead:
+            self.records.remove(old)
+            self.popen.pop(old.pid, None)
+            rec = self._spawn(old.role, old.name, old.cmd, old.port)
+            if rec.role == "superlink":
+                host = old.cmd[old.cmd.index("--host") + 1] if "--host" in old.cmd else "127.0.0.1"
+                self._wait_health(rec, f"{dial_host(host)}:{old.port}", timeout)
+            started.append(rec)
+        return started
 
     def _wait_health(self, rec: ProcRecord, address: str, timeout: float) -> None:
         scheme = "https" if self.root_cert else "http"
@@ -280,22 +318,22 @@ class Deployment:
     # ------------------------------------------------------------------ SuperNodes
     def start_supernode(self, name: str, node_config: Mapping[str, str | int | float | bool], *,
                         private_key: str | Path | None, port: int = 0, superlink: str | None = None,
-                        root_cert: str | Path | None = None) -> ProcRecord:
-        """Start ``flower-supernode`` for one hospital. ``node_config`` becomes ``--node-config`` (e.g.
-        ``{"hospital-id": "h1", "data-dir": "/data/h1"}``); ``port`` (0: a free one) is its own runtime
-        API, distinct for every SuperNode on one machine. TLS uses the deployment's CA unless
-        ``root_cert`` is given; ``private_key`` enables node authentication (the SuperLink must know its
-        public key, otherwise the process exits with status 305)."""
+                        root_cert: str | Path | None = None, executor: str = "warm",
+                        poll_s: float | None = None) -> ProcRecord:
+        """Start Flower's SuperNode for one hospital (:mod:`simlab.engine.supernode`). ``node_config``
+        becomes ``--node-config`` (e.g. ``{"hospital-id": "h1", "data-dir": "/data/h1"}``); ``port`` (0: a
+        free one) is its own runtime API, distinct for every SuperNode on one machine. TLS uses the
+        deployment's CA unless ``root_cert`` is given; ``private_key`` enables node authentication (the
+        SuperLink must know its public key, otherwise the process exits with status 305). ``executor``:
+        ``warm`` (one long-lived ClientApp process runs every message) or ``flower`` (a process per
+        message); ``poll_s`` caps the SuperNode's idle waits (None: Flower's 3 s)."""
         superlink = superlink or self.address
         if superlink is None:
             raise DeploymentError("no SuperLink address: start the SuperLink first or pass superlink=host:port")
         port = port or free_ports(1)[0]
-        cmd = [self.tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
-               "--node-config", node_config_arg(node_config)]
         ca = root_cert or self.root_cert
-        cmd += ["--root-certificates", str(ca)] if ca else ["--insecure"]
-        if private_key is not None:
-            cmd += ["--auth-supernode-private-key", str(private_key)]
+        cmd = supernode_command(superlink, port, node_config, ca=ca, private_key=private_key, executor=executor,
+                                poll_s=poll_s)
         return self._spawn("supernode", check_name(name), cmd, port)
 
     def wait_online(self, n: int, timeout: float = 60.0, watch: Iterable[str] | None = None) -> list[dict]:
@@ -425,6 +463,11 @@ class Deployment:
             if proc is not None:
                 proc.poll()
         self.records = [r for r in self.records if r not in chosen]
+        self._save()
+
+    def forget_exited(self) -> None:
+        """Drop the records of processes that are no longer running (:meth:`restart` would start them)."""
+        self.records = [r for r in self.records if r.alive()]
         self._save()
 
     def running(self) -> list[ProcRecord]:
