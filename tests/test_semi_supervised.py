@@ -289,5 +289,6 @@ def test_a_site_that_does_not_participate_is_never_trained_but_evaluated(tmp_pat
     assert weights == pytest.approx({"h1": 0.5, "h2": 0.5})  # weight_by all: 8 images each
     assert all(c.get("evaluators") and "h3" in c["evaluators"] for c in costs if c["evaluated"])
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["sequential"]["semi_supervised"] == {"objective": "pseudo_label", "weight_by": "all"}
     h3 = summary["arms"]["sequential"]["per_hospital"]["h3"]  # its domain's Dice, read as its own
     assert [s["domain"] for s in h3["stages"]] == ["B"] and h3["R"][0][0] is not None
