@@ -22,6 +22,7 @@ from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.continual.odex import Entry, decide, fit_entry, route
 from simlab.continual.odex_features import ScoreCache, pool_scores, window_features
 from simlab.continual.registry import make_method
+from simlab.continual.semi_supervised import make_objective
 from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
 from simlab.metrics.registry import metric_rows
@@ -104,9 +105,13 @@ class Hospital:
         entry = self.window_entry(model, t, device) if want_entry else None
         dice = {"window_dice": self._window_dice(model, t, device)} if want_dice else {}
         method_state = {k: v for k, v in private.items() if not k.startswith(NORM)}
+        ssl = self.task.federation.semi_supervised
         result = self.method.local_update(model, self.stream.window, t, method_state, train_config(self.task, device),
                                           seed=self._seed("train", t), augment=self._augmenter(bank, t),
-                                          last_round=self.task.federation.rounds)
+                                          last_round=self.task.federation.rounds,
+                                          unlabelled=make_objective(ssl, self._augmenter(bank, t, "unlabelled")))
+        if ssl.weight_by == "all":  # the count FedAvg weighs by: every image trained on, labelled or not
+            result.metrics["num_examples"] += result.metrics["num_unlabelled"]
         trained, keep = state_to_numpy(model), dict(result.state)
         if self.task.federation.norm == "local":
             local = set(norm_state_keys(model))
@@ -114,10 +119,13 @@ class Hospital:
             trained = {k: v for k, v in trained.items() if k not in local}
         return TrainOutcome(trained, {**result.metrics, **dice}, keep, entry)
 
-    def _augmenter(self, bank: dict[str, np.ndarray] | None, t: int) -> FrequencyAugmenter | None:
+    def _augmenter(self, bank: dict[str, np.ndarray] | None, t: int, purpose: str = "augment"
+                   ) -> FrequencyAugmenter | None:
+        """FedDG's augmenter of round t, its draws seeded by ``purpose`` (the labelled batches', or the
+        unlabelled-data objective's perturbation, so that one does not shift the other's draws)."""
         if not self.task.augmentation.frequency.enabled or bank is None:
             return None
-        gen = torch.Generator().manual_seed(self._seed("augment", t))
+        gen = torch.Generator().manual_seed(self._seed(purpose, t))
         return FrequencyAugmenter(self.task.augmentation.frequency, {h: torch.from_numpy(a) for h, a in bank.items()},
                                   self.id, gen)
 
@@ -167,6 +175,8 @@ class Hospital:
 
     def _window_dice(self, model: torch.nn.Module, t: int, device) -> float:
         w = self.stream.window(t)
+        if not w.n_labeled:  # the scenario check refuses DiceEx at a hospital without labels
+            raise ValueError(f"hospital {self.id}: round {t}'s window has no labelled image to measure Dice on")
         pred = predict(model, w.images[w.labeled], self.task.evaluation.batch_size, device)
         target = torch.from_numpy(w.labels[w.labeled].astype(np.int64))
         return float(dice_per_class(pred, target, self.task.num_classes).mean())

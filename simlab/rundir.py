@@ -298,6 +298,8 @@ def _arm_summary(sc, res: dict, costs: list[dict], wall: float) -> dict:
         "aggregation": sc.federation.aggregation.rule,
         "server_optimizer": sc.federation.server_optimizer.name,
         "proximal_mu": sc.federation.proximal_mu,
+        "semi_supervised": {"objective": sc.federation.semi_supervised.objective,
+                            "weight_by": sc.federation.semi_supervised.weight_by},
         "breaks_no_rehearsal": method.breaks_no_rehearsal,
         "uses_future_data": method.uses_future_data,
         "acc": pooled["acc"], "bwt": pooled["bwt"], "fwt": pooled["fwt"], "forgetting": res["forgetting"],

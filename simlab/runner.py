@@ -21,7 +21,8 @@ log = logging.getLogger("simlab")
 
 
 def prepare_data(loaded: LoadedScenario, tick: Callable[[], None] | None = None) -> int:
-    """Generate (or find in the cache) every window and test set, once, before any arm runs."""
+    """Generate (or find in the cache) every window and test set, once, before any arm runs (no window
+    of a hospital that does not participate: nobody reads it)."""
     sc = loaded.base
     factory = DataFactory(sc.data, sc.domains, sc.seed, sc.evaluation.test_size)
     count = 0
@@ -30,7 +31,7 @@ def prepare_data(loaded: LoadedScenario, tick: Callable[[], None] | None = None)
         count += 1
         if tick:
             tick()
-    for h in sc.hospitals:
+    for h in (h for h in sc.hospitals if h.participates):
         for t in range(1, sc.federation.rounds + 1):
             factory.window(h, t)
             count += 1
@@ -41,7 +42,7 @@ def prepare_data(loaded: LoadedScenario, tick: Callable[[], None] | None = None)
 
 def data_items(loaded: LoadedScenario) -> int:
     sc = loaded.base
-    return len(sc.eval_domains) + len(sc.hospitals) * sc.federation.rounds
+    return len(sc.eval_domains) + sum(h.participates for h in sc.hospitals) * sc.federation.rounds
 
 
 def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None = None) -> tuple[Path, dict]:

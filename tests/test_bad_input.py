@@ -167,6 +167,32 @@ def test_numbers_that_are_not_finite_are_refused(workdir, capsys, text, args, ke
     assert err.count(f": {key}:") == 1  # not also reported against its bounds
 
 
+# -------------------------------------------------------------------------- sites without labels
+NO_LABELS = GOOD.replace("    drift: {type: none, domain: A}", "    label_fraction: 0\n    drift: {type: none, domain: A}")
+
+
+@pytest.mark.parametrize("text, args, key, fragment", [
+    (NO_LABELS, (), "hospitals[1].label_fraction", "has no labelled images (label_fraction 0) and "
+                                                    "federation.semi_supervised.objective is 'none'"),
+    (NO_LABELS, ("--set", "federation.semi_supervised.objective=mean_teacher"), "federation.semi_supervised.weight_by",
+     "reports 0 examples"),
+    (GOOD, ("--set", "federation.semi_supervised.weight_by=all"), "federation.semi_supervised.weight_by",
+     "which no objective trains on"),
+    (GOOD, ("--set", "hospitals.0.label_fraction=-0.1"), "hospitals[0].label_fraction", "expected a value >= 0"),
+    (GOOD, ("--set", "federation.semi_supervised.pseudo_label.threshold=0"),
+     "federation.semi_supervised.pseudo_label.threshold", "expected a value > 0"),
+])
+def test_a_site_without_labels_needs_an_objective_that_can_count(workdir, capsys, text, args, key, fragment):
+    err = refused(workdir, capsys, text, *args)
+    assert f"scenario.yaml: {key}: " in err and fragment in err
+
+
+def test_a_site_without_labels_that_does_not_participate_validates(workdir, capsys):
+    path = workdir / "scenario.yaml"
+    path.write_text(NO_LABELS.replace("label_fraction: 0", "label_fraction: 0\n    participates: false"))
+    assert main(["validate", "scenario.yaml"]) == 0, capsys.readouterr().err
+
+
 def test_a_learning_rate_past_its_bound_says_why(workdir, capsys):
     err = refused(workdir, capsys, with_("federation: {rounds: 2, lr: 1e6}"))
     assert "federation.lr: expected a value <= 1000.0 (a step this large only diverges), found 1000000.0" in err

@@ -13,7 +13,9 @@ from simlab.aggregation import RULES, AggregationParams, aggregate
 from simlab.checkpoint import HospitalStateStore
 from simlab.continual.method import Method
 from simlab.continual.registry import METHODS, ContinualSpec, make_method
+from simlab.continual.semi_supervised import OBJECTIVES, SemiSupervisedSpec, make_objective
 from simlab.continual.training import TrainConfig
+from simlab.data.streams import labelled_count
 from simlab.models.unet import ModelSpec, build_model, state_to_numpy
 
 FAMILIES = {"baseline", "regularisation", "distillation", "expansion", "rehearsal"}
@@ -26,13 +28,15 @@ LAST = 3  # the stream's last round (methods that use future data draw up to it)
 class BlindWindow:
     """A window whose true domain cannot be read: a method that looks at it fails the test."""
 
-    def __init__(self, t: int, n: int = 8, size: int = 32, label_fraction: float = 0.5):
+    def __init__(self, t: int, n: int = 8, size: int = 32, label_fraction: float = 0.5, fill: int | None = None):
         g = np.random.default_rng(100 + t)
         self.labels = g.integers(0, 3, size=(n, size, size)).astype(np.uint8)
         self.images = (self.labels[:, None] / 2 + 0.1 * g.standard_normal((n, 1, size, size)) + 0.2 * t
                        ).astype(np.float32)
         self.labeled = np.zeros(n, bool)
-        self.labeled[: max(1, round(label_fraction * n))] = True
+        self.labeled[: labelled_count(label_fraction, n)] = True
+        if fill is not None:  # what the unlabelled images' labels say: nothing may read them
+            self.labels[~self.labeled] = fill if fill >= 0 else g.integers(0, 3, size=self.labels[~self.labeled].shape)
 
     @property
     def true_domain(self) -> str:
@@ -48,13 +52,15 @@ def fresh_model() -> torch.nn.Module:
     return build_model(SMALL, 3)
 
 
-def run(name: str, rounds=(1, 2, 3), state=None, model=None):
-    """(model, method state, metrics per round) after ``rounds`` with a fresh method object."""
+def run(name: str, rounds=(1, 2, 3), state=None, model=None, objective: str = "none", stream=windows):
+    """(model, method state, metrics per round) after ``rounds`` with a fresh method object (and a fresh
+    unlabelled-data ``objective`` each round)."""
     method = make_method(ContinualSpec(method=name))
     model = model or fresh_model()
     state, metrics = dict(state or {}), []
     for t in rounds:
-        res = method.local_update(model, windows, t, state, CFG, seed=1000 + t, last_round=LAST)
+        res = method.local_update(model, stream, t, state, CFG, seed=1000 + t, last_round=LAST,
+                                  unlabelled=make_objective(SemiSupervisedSpec(objective=objective)))
         state = res.state
         metrics.append(res.metrics)
     return model, state, metrics
@@ -117,6 +123,40 @@ def test_method_trains_on_labelled_images_only(name):
     assert len(images) == len(labels) > 0 and all((x.tobytes(), y.tobytes()) in pairs for x, y in zip(images, labels))
     res = method.local_update(model, windows, 2, state, CFG, seed=7, last_round=LAST)
     assert res.metrics["num_examples"] == len(images)
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_with_an_objective_never_reads_a_label_of_an_unlabelled_image(name, objective):
+    """Every method with every unlabelled-data objective (label_fraction 0.5): the unlabelled images'
+    labels set to 255 (no class: a loss or a Fisher reading one fails) or to other classes give the
+    same model bit for bit."""
+    def sentinel(t):
+        return BlindWindow(t, fill=255)
+
+    def other(t):
+        return BlindWindow(t, fill=-1)
+
+    model_a, state_a, metrics_a = run(name, rounds=(1, 2), objective=objective, stream=sentinel)
+    model_b, state_b, metrics_b = run(name, rounds=(1, 2), objective=objective, stream=other)
+    assert same_state(state_to_numpy(model_a), state_to_numpy(model_b)) and same_state(state_a, state_b)
+    assert metrics_a == metrics_b and metrics_a[0]["num_unlabelled"] > 0
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_a_hospital_without_labels_through_an_objective(name, objective):
+    """label_fraction 0, every label 255: no labelled image, the objective alone trains the model."""
+    def blank(t):
+        return BlindWindow(t, label_fraction=0.0, fill=255)
+
+    model, state, metrics = run(name, rounds=(1, 2), objective=objective, stream=blank)
+    assert [m["num_examples"] for m in metrics] == [0.0, 0.0] and all(m["num_unlabelled"] > 0 for m in metrics)
+    assert all(np.isfinite(m["train_loss"]) for m in metrics)
+    assert not same_state(state_to_numpy(model), state_to_numpy(fresh_model()))
+    assert bool(state) == METHODS[name].keeps_state
+    with pytest.raises(ValueError, match="no labelled images to train on"):
+        run(name, rounds=(1,), stream=blank)
 
 
 # ------------------------------------------------------------------------------ aggregation rules

@@ -60,6 +60,22 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path):
     assert not np.allclose(x, g.window(sc.hospitals[0], 2).images)
 
 
+def test_a_site_without_labels_has_no_labelled_image_and_participation_is_not_a_data_setting(tmp_path):
+    raw = json.loads(json.dumps(BASE))
+    raw["hospitals"][0]["label_fraction"] = 0.0
+    raw["hospitals"][0]["participates"] = False
+    raw["hospitals"][1]["label_fraction"] = 0.01  # > 0: at least one labelled image per window
+    raw["hospitals"][1]["participates"] = False
+    raw["hospitals"].append({"id": "h3", "drift": {"type": "none", "domain": "A"}})
+    sc, f = factory_for(raw, tmp_path / "c")
+    assert f.window(sc.hospitals[0], 1).n_labeled == 0 and f.window(sc.hospitals[1], 1).n_labeled == 1
+    files = len(list((tmp_path / "c").rglob("*.npz")))
+    raw["hospitals"][1]["participates"] = True  # the same window, read from the same cache file
+    sc2, f2 = factory_for(raw, tmp_path / "c")
+    np.testing.assert_array_equal(f2.window(sc2.hospitals[1], 1).images, f.window(sc.hospitals[1], 1).images)
+    assert len(list((tmp_path / "c").rglob("*.npz"))) == files
+
+
 def test_test_sets_fixed_per_domain_and_distinct_from_training(tmp_path):
     sc, f = factory_for(BASE, tmp_path / "c")
     xa, ya = f.test_set("A")

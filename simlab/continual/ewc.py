@@ -27,6 +27,14 @@ Choices, and where they deviate:
 - BatchNorm is in eval mode while the Fisher is computed (the trained model's running statistics,
   so each image's gradient does not depend on the others in its batch).
 
+A hospital **without labels** (``label_fraction: 0``, training through an unlabelled-data objective)
+has no labelled image to take the empirical Fisher on. Its window's Fisher is the paper's own
+expectation over the model's predictive distribution, estimated with one sample: each pixel's label
+is drawn from the trained model's softmax (BatchNorm in eval mode, seeded per hospital and round),
+on the window's unlabelled images, and F_window is computed at those labels as above. No label of
+an unlabelled image is read. A hospital with labels keeps the empirical Fisher in every round (its
+windows always hold at least one labelled image), so one hospital never mixes the two estimators.
+
 Not the square of the gradient of a *mini-batch mean* loss: that is the square of a mean,
 (1/N Σ_n g_n)², not the mean of squares, (1/N) Σ_n g_n²; it depends on the batch size, and with the
 Dice term in the loss it is not a log-likelihood at all. A λ tuned on it does not carry over.
@@ -59,6 +67,7 @@ from torch.func import functional_call, grad, vmap
 
 from simlab.continual.method import Method
 from simlab.continual.training import TrainConfig
+from simlab.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class EWC(Method):
         super().__init__(params or EwcParams())
         self._fisher: dict[str, torch.Tensor] | None = None
         self._anchor: dict[str, torch.Tensor] = {}
+        self._unlabelled: np.ndarray | None = None
 
     def before_training(self, model, state, cfg):
         self._fisher = None
@@ -97,7 +107,16 @@ class EWC(Method):
         return 0.5 * self.params.strength * sum((fisher[n] * (p - anchor[n]) ** 2).sum()
                                                 for n, p in model.named_parameters() if n in fisher)
 
+    def training_set(self, windows, t, state, seed, last_round):
+        images, labels, rounds = super().training_set(windows, t, state, seed, last_round)
+        # no labelled image: keep the unlabelled ones (images only) for the sampled-label Fisher
+        self._unlabelled = self.unlabelled_set(windows, t, rounds, seed, last_round) if len(images) == 0 else None
+        return images, labels, rounds
+
     def after_round(self, model, images, labels, rounds, state, cfg, seed):
+        if len(images) == 0 and self._unlabelled is not None:
+            images, labels = self._unlabelled, sampled_labels(model, self._unlabelled, cfg, seed)
+        self._unlabelled = None
         new = fisher_diagonal(model, images, labels, cfg)
         params = dict(model.named_parameters())
         out = {}
@@ -113,6 +132,26 @@ def image_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     ``logits`` [n, C, H, W], ``labels`` [n, H, W] (integers); returns [n]."""
     logp = torch.log_softmax(logits, dim=1).gather(1, labels.unsqueeze(1))
     return logp.flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def sampled_labels(model: torch.nn.Module, images: np.ndarray, cfg: TrainConfig, seed: int, chunk: int = 16
+                   ) -> np.ndarray:
+    """One label per pixel drawn from the model's softmax (eval mode; the model is left as found):
+    y_np ~ Categorical(softmax(z_n(θ))_p), for the Fisher of a window without labels."""
+    device, gen = torch.device(cfg.device), torch.Generator().manual_seed(derive_seed(seed, "ewc", "fisher labels"))
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images), chunk):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).to(device)
+            probs = torch.softmax(model(x), dim=1).movedim(1, -1).cpu()  # [n, H, W, C]
+            flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
+            out.append(flat.reshape(probs.shape[:-1]).numpy().astype(np.uint8))
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[2:]), np.uint8)
 
 
 def fisher_diagonal(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig,

@@ -22,13 +22,20 @@ Avalanche's strategy plugins::
 
     images, labels, rounds = training_set(...)    # by default the labelled images of the windows
                                                   # training_rounds(t, state) names (only t, unless rehearsal)
+    unlabelled = unlabelled_set(...)              # with an unlabelled-data objective: by default the
+                                                  # unlabelled images of those windows (images only)
     before_training(model, state, cfg)            # e.g. keep the received model as a teacher
     for each optimiser step:                      # simlab.continual.training.train_local
-        loss = segmentation loss(logits, y) [+ loss_term(model, x, y, logits)]
+        loss = segmentation loss(logits, y) [+ loss_term(model, x, y, logits)] [+ objective's term]
         step; after_step(model)
     state = after_round(model, images, labels, rounds, state, cfg, seed)
 
-A method never reads a window's true domain: it gets images and labels only.
+A method never reads a window's true domain: it gets images and labels only, and never the label of
+an image the window marks unlabelled. The unlabelled-data objective (``federation.semi_supervised``,
+:mod:`simlab.continual.unlabelled`) is not part of the method: every method combines with it. A
+hospital without labels (``label_fraction: 0``) trains through the objective alone: ``images`` is
+then empty, and ``loss_term`` is called with the objective's unlabelled batch and ``y = None``, so a
+``loss_term`` must not need ``y`` unless it checks for None.
 """
 
 from __future__ import annotations
@@ -93,6 +100,13 @@ class Method:
             ys.append(w.labels[w.labeled])
         return np.concatenate(xs), np.concatenate(ys), rounds
 
+    def unlabelled_set(self, windows, t: int, rounds: list[int], seed: int, last_round: int | None) -> np.ndarray:
+        """The unlabelled images an unlabelled-data objective trains on in round t: by default every
+        image the windows of ``rounds`` (what :meth:`training_set` returned) mark unlabelled. Images
+        only: their labels are never read."""
+        parts = [windows(r).images[~windows(r).labeled] for r in rounds]
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
     def after_round(self, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, rounds: list[int],
                     state: dict[str, np.ndarray], cfg: TrainConfig, seed: int) -> dict[str, np.ndarray]:
         """The state to carry to the next round (empty unless ``keeps_state``); ``images``/``labels``
@@ -101,13 +115,21 @@ class Method:
 
     # ------------------------------------------------------------------ the round
     def local_update(self, model: torch.nn.Module, windows, t: int, state: dict[str, np.ndarray],
-                     cfg: TrainConfig, seed: int, augment=None, last_round: int | None = None) -> LocalResult:
+                     cfg: TrainConfig, seed: int, augment=None, last_round: int | None = None,
+                     unlabelled=None) -> LocalResult:
         """Train ``model`` in place on :meth:`training_set` (by default the labelled images of
         ``windows(r)`` for the rounds :meth:`training_rounds` names); ``windows`` maps a round to that
-        round's window, ``last_round`` is the stream's last round."""
+        round's window, ``last_round`` is the stream's last round. ``unlabelled``: an unlabelled-data
+        objective (:mod:`simlab.continual.unlabelled`) to train with on :meth:`unlabelled_set`, or None."""
         images, labels, rounds = self.training_set(windows, t, state, seed, last_round)
+        if unlabelled is not None:
+            unlabelled.begin(model, self.unlabelled_set(windows, t, rounds, seed, last_round), t, last_round, cfg, seed)
         self.before_training(model, state, cfg)
-        metrics = train_local(model, images, labels, cfg, seed, augment=augment, hooks=self)
+        try:
+            metrics = train_local(model, images, labels, cfg, seed, augment=augment, hooks=self, unlabelled=unlabelled)
+        finally:
+            if unlabelled is not None:
+                unlabelled.end()
         return LocalResult(metrics, self.after_round(model, images, labels, rounds, state, cfg, seed))
 
 

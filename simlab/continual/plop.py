@@ -32,7 +32,10 @@ pixels to relabel; what the old model can label here is the window's **unlabelle
 in :meth:`PLOP.loss_term`: the segmentation loss of train_local has no ignore index, so the pseudo-
 labelled images do not go through it. Their labels are never read; :meth:`training_set` still
 returns the labelled images only. With every image labelled the option does nothing; with unlabelled
-images it costs one more forward and backward pass of a batch per step.
+images it costs one more forward and backward pass of a batch per step. PLOP's pseudo-labels are part
+of the method; an unlabelled-data objective (``federation.semi_supervised``) adds its own term on top.
+At a hospital without labels (``label_fraction: 0``) the POD term is taken on the objective's
+unlabelled batch, the only batch a step has.
 
 Which model is "old": the one the hospital **received this round**, as for LwF (nobody tells a
 hospital when its data changed); the model at the last detected shift is not offered (it needs a

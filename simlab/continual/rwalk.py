@@ -13,7 +13,9 @@ RWalk regularises like EWC, with an importance that adds a path integral to the 
 Per step (:meth:`RWalk.after_step`, called after every optimiser step, when ``param.grad`` still
 holds the gradient the step used: train_local clears gradients only at the start of the next step),
 with θ(t) recorded before the step (at :meth:`before_training`, then after each step):
-F is updated with g(t)² first, then s uses that F^t (the paper's index t).
+F is updated with g(t)² first, then s uses that F^t (the paper's index t). g(t) is the gradient of
+the step's whole loss: with an unlabelled-data objective it includes the objective's term, and at a
+hospital without labels it is that term's alone (the empirical Fisher of a loss with no labels).
 
 Choices, and where they deviate:
 

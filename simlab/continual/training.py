@@ -82,6 +82,7 @@ def train_local(
     seed: int,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     hooks=None,
+    unlabelled=None,
 ) -> dict[str, float]:
     """Train ``model`` in place; returns mean loss and counts. Deterministic for a given seed.
 
@@ -94,11 +95,17 @@ def train_local(
     added to each batch's loss (x as the network saw it, logits its output; for the episodic step,
     the inner pass on the raw batch), and ``hooks.after_step(model)`` runs after each step. FedProx's
     :func:`proximal_term` (``cfg.proximal_mu`` > 0) is anchored to ``model`` as passed in (as received).
+
+    ``unlabelled`` (a begun :class:`simlab.continual.unlabelled.UnlabelledObjective`, or None): each step
+    adds its term on ``batch_size`` unlabelled images it draws; with no labelled image at all the steps
+    run over the unlabelled images, without segmentation loss, flip or episodic step
+    (:func:`_unlabelled_loss`). Its ``after_step`` runs after the method's.
     """
     if cfg.episodic and augment is None:
         raise ValueError("the episodic step needs an augmentation (augmentation.frequency.enabled)")
-    if len(images) == 0:
-        raise ValueError("no labelled images to train on")
+    u = unlabelled if unlabelled is not None and unlabelled.count else None
+    if len(images) == 0 and u is None:
+        raise ValueError("no labelled images to train on, and no unlabelled-data objective with images")
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -110,26 +117,43 @@ def train_local(
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(np.ascontiguousarray(labels)).long().unsqueeze(1)
     losses = []
-    for idx in _batches(len(x_all), cfg, gen):
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        if cfg.flip:
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+    for idx in _batches(len(x_all) if len(x_all) else u.count, cfg, gen):
         opt.zero_grad(set_to_none=True)
-        if cfg.episodic:
-            loss, seen, logits = _episodic_loss(model, loss_fn, x, augment(x), y, cfg.lr)
+        if len(x_all):
+            loss = _labelled_loss(model, loss_fn, x_all[idx].to(device), y_all[idx].to(device), cfg, gen, augment, hooks)
+            loss = loss if u is None else loss + u.term(model, u.batch(size=cfg.batch_size)).loss
         else:
-            seen = augment(x) if augment is not None else x
-            logits = model(seen)
-            loss = loss_fn(logits, y)
-        extra = hooks.loss_term(model, seen, y, logits) if hooks is not None else None
-        if extra is not None:
-            loss = loss + extra
+            loss = _unlabelled_loss(model, u, idx, hooks)
         if anchor is not None:
             loss = loss + proximal_term(params, anchor, cfg.proximal_mu)
         loss.backward()
         opt.step()
-        if hooks is not None:
-            hooks.after_step(model)
+        for hook in (h for h in (hooks, u) if h is not None):
+            hook.after_step(model)
         losses.append(float(loss.detach()))
-    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses)), "num_examples": float(len(images))}
+    return {"train_loss": float(np.mean(losses)), "steps": float(len(losses)), "num_examples": float(len(images)),
+            "num_unlabelled": float(u.count if u is not None else 0)}
+
+
+def _unlabelled_loss(model, u, idx: torch.Tensor, hooks) -> torch.Tensor:
+    """A step without labelled images: the objective's term on the unlabelled images ``idx``, plus the
+    method's ``loss_term`` on that batch as the student saw it, with ``y = None``."""
+    term = u.term(model, u.batch(index=idx))
+    extra = hooks.loss_term(model, term.seen, None, term.logits) if hooks is not None else None
+    return term.loss if extra is None else term.loss + extra
+
+
+def _labelled_loss(model, loss_fn, x, y, cfg: TrainConfig, gen: torch.Generator, augment, hooks) -> torch.Tensor:
+    """One labelled batch's loss: the segmentation loss (episodic or plain, augmented or not, flipped
+    with ``cfg.flip``) plus the method's ``loss_term``."""
+    if cfg.flip:
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+    if cfg.episodic:
+        loss, seen, logits = _episodic_loss(model, loss_fn, x, augment(x), y, cfg.lr)
+    else:
+        seen = augment(x) if augment is not None else x
+        logits = model(seen)
+        loss = loss_fn(logits, y)
+    extra = hooks.loss_term(model, seen, y, logits) if hooks is not None else None
+    return loss if extra is None else loss + extra

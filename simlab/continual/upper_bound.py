@@ -18,6 +18,10 @@ stream. Only the sampled images are copied; the windows come from the stream's c
 process, then on disk). Cost: the first round makes (or reads) every window of the stream, which
 sequential fine-tuning pays round by round; later rounds cost what a sequential round costs.
 
+With an unlabelled-data objective (``federation.semi_supervised``) its unlabelled images are drawn
+the same way, as many as round t's window holds unlabelled, from the unlabelled images of every
+window; a hospital without labels has an empty labelled sample and trains through the objective alone.
+
 Its BWT and FWT mean nothing: with no drift in what it trains on, "before" and "after" a stage are
 the same training distribution (the paper reports only Dice for it). Read its final Dice per domain.
 """
@@ -42,19 +46,37 @@ class UpperBound(Method):
         raise NotImplementedError("upper_bound draws from every round of the stream: see training_set")
 
     def training_set(self, windows, t, state, seed, last_round):
-        if last_round is None or last_round < t:
-            raise ValueError(f"upper_bound needs the stream's last round (found {last_round!r} in round {t})")
-        rounds = list(range(1, last_round + 1))
-        labelled = {r: np.flatnonzero(windows(r).labeled) for r in rounds}
-        offsets = np.cumsum([0] + [len(labelled[r]) for r in rounds])
-        n = len(labelled[t])
-        draw = np.sort(np.random.default_rng(derive_seed(seed, "upper_bound")).choice(offsets[-1], n, replace=False))
-        xs, ys, used = [], [], []
-        for i, r in enumerate(rounds):
-            picked = draw[(draw >= offsets[i]) & (draw < offsets[i + 1])] - offsets[i]
-            if len(picked):
-                w, idx = windows(r), labelled[r][picked]
-                xs.append(w.images[idx])
+        images, labels, used = _draw(windows, t, seed, last_round, labelled=True)
+        return images, labels, used or [t]
+
+    def unlabelled_set(self, windows, t, rounds, seed, last_round):
+        """As many unlabelled images as round t's window holds, drawn the same way from every window's
+        unlabelled images (images only)."""
+        return _draw(windows, t, seed, last_round, labelled=False)[0]
+
+
+def _draw(windows, t: int, seed: int, last_round: int | None, labelled: bool
+          ) -> tuple[np.ndarray, np.ndarray | None, list[int]]:
+    """An i.i.d. sample without replacement, of round t's count, from the labelled (or unlabelled)
+    images of every window 1..``last_round``: (images, labels or None, the rounds they came from). A
+    stream with no such image gives empty arrays (a hospital without labels has no labelled sample)."""
+    if last_round is None or last_round < t:
+        raise ValueError(f"upper_bound needs the stream's last round (found {last_round!r} in round {t})")
+    rounds = list(range(1, last_round + 1))
+    chosen = {r: np.flatnonzero(windows(r).labeled == labelled) for r in rounds}
+    offsets = np.cumsum([0] + [len(chosen[r]) for r in rounds])
+    purpose = "upper_bound" if labelled else "upper_bound_unlabelled"
+    draw = np.sort(np.random.default_rng(derive_seed(seed, purpose)).choice(offsets[-1], len(chosen[t]), replace=False))
+    xs, ys, used = [], [], []
+    for i, r in enumerate(rounds):
+        picked = draw[(draw >= offsets[i]) & (draw < offsets[i + 1])] - offsets[i]
+        if len(picked):
+            w, idx = windows(r), chosen[r][picked]
+            xs.append(w.images[idx])
+            if labelled:
                 ys.append(w.labels[idx])
-                used.append(r)
-        return np.concatenate(xs), np.concatenate(ys), used
+            used.append(r)
+    if not xs:
+        w = windows(t)
+        return w.images[:0], (w.labels[:0] if labelled else None), []
+    return np.concatenate(xs), (np.concatenate(ys) if labelled else None), used

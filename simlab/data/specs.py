@@ -56,8 +56,13 @@ class HospitalSpec:
     size: int = field(default=32, metadata={
         "ge": 1, "le": 100_000, "why": "a window is held in memory: 100,000 images of 128² px take 6.6 GB",
         "help": "training images in each round's window (at most 100,000: a window is held in memory)"})
-    label_fraction: float = field(default=1.0, metadata={"gt": 0.0, "le": 1.0,
-                                                         "help": "share of window images with labels"})
+    label_fraction: float = field(default=1.0, metadata={
+        "ge": 0.0, "le": 1.0, "help": "share of window images with labels (at least one image when > 0; 0: a site "
+                                      "without labels, which trains only through federation.semi_supervised or "
+                                      "not at all)"})
+    participates: bool = field(default=True, metadata={
+        "help": "false: never sampled for training (nor asked for amplitude blocks); still evaluated, and its "
+                "domains still tested"})
     corruption: Literal["none", "swap_labels", "random_labels"] = field(
         default="none",
         metadata={"help": "a broken hospital: swap_labels exchanges the foreground classes (1<->2), "

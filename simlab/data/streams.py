@@ -85,14 +85,15 @@ class DataFactory:
 
     def _load_window(self, hospital: HospitalSpec, t: int) -> Window:
         p = plan(hospital.drift, t)
-        spec = self._spec(kind="window", hospital=to_plain(hospital),
+        plain = {k: v for k, v in to_plain(hospital).items() if k != "participates"}  # not a data setting
+        spec = self._spec(kind="window", hospital=plain,
                           domains={d: to_plain(self.domains[d]) for d in hospital.drift.referenced_domains()}, t=t)
 
         def make():
             x, y = self._make_window(hospital, t, p)
             order = rng(self.seed, "labeled", hospital.id, t).permutation(len(x))
             labeled = np.zeros(len(x), bool)
-            labeled[order[: max(1, round(hospital.label_fraction * len(x)))]] = True
+            labeled[order[: labelled_count(hospital.label_fraction, len(x))]] = True
             y = corrupt_labels(y, hospital, rng(self.seed, "corrupt", hospital.id, t), self.num_classes)
             return {"images": x, "labels": y, "labeled": labeled}
 
@@ -211,6 +212,12 @@ class DataFactory:
         perm = rng(self.seed, "perm", hospital.id, domain).permutation(n_pool)
         index = perm[np.arange(used, used + count) % n_pool]
         return self._nifti_draw(domain, "train", index, derive_seed(self.seed, "acq", hospital.id, t, domain), raw)
+
+
+def labelled_count(label_fraction: float, n: int) -> int:
+    """Labelled images of a window of n: round(fraction · n), at least one when the fraction is > 0
+    (a hospital with labels labels something in every window), none at fraction 0."""
+    return max(1, round(label_fraction * n)) if label_fraction > 0 else 0
 
 
 def corrupt_labels(labels: np.ndarray, hospital: HospitalSpec, gen: np.random.Generator,

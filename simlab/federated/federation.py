@@ -116,6 +116,7 @@ class Federation:
         self.sc = scenario
         self.log = runlog
         self.ids = [h.id for h in scenario.hospitals]
+        self.trainers = [h.id for h in scenario.hospitals if h.participates]  # participates: false never trains
         self.parts = {h: task_json(task_of(scenario, h)) for h in self.ids}
         self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
         self.timeout = scenario.federation.round_timeout_s
@@ -265,20 +266,21 @@ class Federation:
         return ok, failed
 
     def sample(self, t: int) -> list[str]:
-        """Hospitals of round t: a seeded sample, in hospital order."""
-        k = self.sc.federation.clients_per_round or len(self.ids)
-        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.ids), size=k, replace=False).tolist())
-        return [self.ids[i] for i in chosen]
+        """Hospitals of round t: a seeded sample of those that participate, in hospital order."""
+        k = self.sc.federation.clients_per_round or len(self.trainers)
+        chosen = sorted(rng(self.sc.seed, "sample", t).choice(len(self.trainers), size=k, replace=False).tolist())
+        return [self.trainers[i] for i in chosen]
 
     def setup_model(self, model, state: dict[str, np.ndarray]) -> None:
         """Hook for methods that keep more than one model on the server."""
 
     def share_amplitudes(self, t: int) -> int:
-        """FedDG bank: every hospital shares low-frequency amplitude blocks (never images or phases);
-        the server keeps the latest blocks of each and sends the bank with every train message."""
-        requests = {h: codec.Query(t, self.parts[h]) for h in self.ids}
+        """FedDG bank: every hospital that participates shares low-frequency amplitude blocks (never
+        images or phases); the server keeps the latest blocks of each and sends the bank with every
+        train message."""
+        requests = {h: codec.Query(t, self.parts[h]) for h in self.trainers}
         up = 0
-        for h, reply in self._send(codec.BANK, self.ids, requests).items():
+        for h, reply in self._send(codec.BANK, self.trainers, requests).items():
             if reply.has_error():
                 log.warning("round %d: %s shared no amplitude blocks: %s", t, h, reply.error.reason)
                 continue

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from simlab.augment.frequency import FrequencyParams
 from simlab.continual.registry import ContinualSpec, method_class
+from simlab.continual.semi_supervised import SemiSupervisedSpec
 from simlab.data.specs import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
 from simlab.aggregation import AggregationParams, ServerOptimizerParams
@@ -46,6 +47,9 @@ class FederationSpec:
         default=0.0, metadata={"ge": 0.0, "help": "FedProx (Li et al. 2020): (mu/2)·‖w − w_t‖² added to the local loss, "
                                                   "w_t the model received this round (0: off; the paper tries "
                                                   "0.001, 0.01, 0.1, 1)"})
+    semi_supervised: SemiSupervisedSpec = field(
+        default_factory=SemiSupervisedSpec, metadata={"help": "unlabelled images in local training, with any continual "
+                                                              "method: mean teacher or pseudo-labels (none: off)"})
     norm: Literal["shared", "local"] = field(
         default="shared", metadata={"help": "shared: normalisation layers are aggregated like every weight; local: FedBN "
                                             "(Li et al. 2021), each hospital keeps its own normalisation weights and "
@@ -182,10 +186,13 @@ class Scenario(DerivedFacts):
         for d in self.evaluation.domains or []:
             if d not in self.domains:
                 p.append(("evaluation.domains", f"unknown domain {d!r}"))
-        cpr = self.federation.clients_per_round
-        if cpr is not None and cpr > len(self.hospitals):
-            p.append(("federation.clients_per_round", f"expected <= {len(self.hospitals)} (hospitals), found {cpr}"))
-        return p + self._size_problems() + self._combination_problems() + self._arm_problems()
+        cpr, trainers = self.federation.clients_per_round, sum(h.participates for h in self.hospitals)
+        if self.hospitals and not trainers:
+            p.append(("hospitals", "every hospital has participates: false; at least one must train"))
+        elif cpr is not None and cpr > trainers:
+            p.append(("federation.clients_per_round", f"expected <= {trainers} (hospitals that participate), found {cpr}"))
+        return (p + self._size_problems() + self._combination_problems() + self._unlabelled_problems()
+                + self._arm_problems())
 
     def _size_problems(self) -> list[tuple[str, str]]:
         """The image size against the network's depth, and the images held in memory at once (a window,
@@ -252,6 +259,35 @@ class Scenario(DerivedFacts):
         if self.augmentation.frequency.enabled and not method.with_frequency_augmentation:
             p.append(("augmentation.frequency.enabled",
                       f"frequency augmentation is not combined with continual method {self.continual.method!r}"))
+        return p
+
+    def _unlabelled_problems(self) -> list[tuple[str, str]]:
+        """Hospitals without labels, and what the unlabelled-data settings need (see
+        :mod:`simlab.continual.unlabelled`)."""
+        ssl, p = self.federation.semi_supervised, []
+        odex = self.continual.odex if method_class(self.continual).server == "pool" else None
+        for i, h in enumerate(self.hospitals):
+            if h.label_fraction > 0 or not h.participates:
+                continue
+            if ssl.objective == "none":
+                p.append((f"hospitals[{i}].label_fraction",
+                          f"hospital {h.id!r} has no labelled images (label_fraction 0) and "
+                          "federation.semi_supervised.objective is 'none': it has nothing to train on; name an "
+                          "objective (mean_teacher, pseudo_label) or set participates: false"))
+            elif ssl.weight_by == "labelled":
+                p.append(("federation.semi_supervised.weight_by",
+                          f"hospital {h.id!r} has no labelled images, so with weight_by 'labelled' it reports 0 "
+                          "examples and aggregation rejects its update as 'nothing was trained'; use weight_by: all"))
+            if odex is not None and odex.expansion == "dice":
+                p.append((f"hospitals[{i}].label_fraction",
+                          f"DiceEx (continual.odex.expansion: dice) measures Dice on each window's labelled images; "
+                          f"hospital {h.id!r} has none"))
+        if ssl.weight_by == "all" and ssl.objective == "none":
+            p.append(("federation.semi_supervised.weight_by",
+                      "weight_by 'all' counts unlabelled images, which no objective trains on (objective 'none')"))
+        if ssl.objective != "none" and ssl.perturbation.kind == "frequency" and not self.augmentation.frequency.enabled:
+            p.append(("federation.semi_supervised.perturbation.kind",
+                      "'frequency' mixes amplitude blocks other hospitals share: it needs augmentation.frequency.enabled"))
         return p
 
     def _krum_problems(self) -> list[tuple[str, str]]:
