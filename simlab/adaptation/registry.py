@@ -14,10 +14,12 @@ from typing import Literal
 from simlab.adaptation.adabn import AdaBN
 from simlab.adaptation.base import Adaptation
 from simlab.adaptation.none import NoAdaptation
+from simlab.adaptation.tent import Tent
 
 ADAPTATIONS: dict[str, type[Adaptation]] = {
     "none": NoAdaptation,
     "adabn": AdaBN,
+    "tent": Tent,
 }
 
 
