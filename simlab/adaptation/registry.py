@@ -13,6 +13,7 @@ from typing import Literal
 
 from simlab.adaptation.adabn import AdaBN
 from simlab.adaptation.base import Adaptation
+from simlab.adaptation.fda import Fda
 from simlab.adaptation.none import NoAdaptation
 from simlab.adaptation.tent import Tent
 
@@ -20,6 +21,7 @@ ADAPTATIONS: dict[str, type[Adaptation]] = {
     "none": NoAdaptation,
     "adabn": AdaBN,
     "tent": Tent,
+    "fda": Fda,
 }
 
 
