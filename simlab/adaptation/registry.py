@@ -13,6 +13,7 @@ from typing import Literal
 
 from simlab.adaptation.adabn import AdaBN
 from simlab.adaptation.base import Adaptation
+from simlab.adaptation.early_features import EarlyFeatures
 from simlab.adaptation.fda import Fda
 from simlab.adaptation.none import NoAdaptation
 from simlab.adaptation.tent import Tent
@@ -22,6 +23,7 @@ ADAPTATIONS: dict[str, type[Adaptation]] = {
     "adabn": AdaBN,
     "tent": Tent,
     "fda": Fda,
+    "early_features": EarlyFeatures,
 }
 
 
