@@ -261,3 +261,57 @@ def test_arms_may_set_the_adaptation_and_its_params_and_the_pool_refuses_them():
         load_scenario_dict(scenario(adaptation="tent", tent={"lr": 5.0}), "<t>")
     with pytest.raises(ScenarioError, match="not combined with a routed model pool"):
         load_scenario_dict(scenario(adaptation="fda") | {"continual": {"method": "odex"}}, "<t>")
+
+
+# ------------------------------------------------------------------------------ through Flower
+TINY = """\
+name: tiny-tta
+seed: 4
+data: {{image_size: 32, cache_dir: {cache}}}
+domains:
+  A: {{}}
+  B: {{scanner: {{bias_field: 0.2, noise: 0.02}}}}
+  newcomer: {{scanner: {{bias_field: 0.5, gamma: 1.6, intensity_scale: [0.6, 0.8]}}}}
+hospitals:
+  - {{id: h1, size: 8, drift: {{type: none, domain: A}}}}
+  - {{id: h2, size: 8, label_fraction: 0.5, drift: {{type: none, domain: B}}}}
+model: {{channels: [8, 16, 32]}}
+federation: {{rounds: 3, local_steps: 2, batch_size: 4, lr: 0.005}}
+augmentation: {{frequency: {{alpha: 0.1}}}}
+evaluation: {{every: 2, test_size: 6, early_features: {{head_steps: 10, max_epochs: 2}}}}
+arms:
+  - {{name: none, set: {{evaluation.adaptation: none}}}}
+  - {{name: adabn, set: {{evaluation.adaptation: adabn}}}}
+  - {{name: tent, set: {{evaluation.adaptation: tent, evaluation.tent.batch_size: 3}}}}
+  - {{name: fda, set: {{evaluation.adaptation: fda}}}}
+  - {{name: early_features, set: {{evaluation.adaptation: early_features}}}}
+"""
+
+
+@pytest.mark.flower
+def test_every_adaptation_through_flower(tmp_path):
+    """One tiny federation, one arm per adaptation: every arm trains the same models (the adaptation
+    touches evaluation only), the bank travels with evaluate messages of the fda arm only (never with
+    its training messages), and each adaptation changes some test domain's Dice."""
+    import json
+
+    from simlab.cli import main
+
+    scenario = tmp_path / "tiny.yaml"
+    scenario.write_text(TINY.format(cache=tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["run", str(scenario), "--out", str(out), "--quiet", "--no-report"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["metric"] in ("train_failed", "eval_failed", "update_rejected")]
+    arms = list(ADAPTATIONS)
+    loss = {a: [(r["round"], r["hospital"], r["value"]) for r in rows if r["arm"] == a and r["metric"] == "train_loss"]
+            for a in arms}
+    assert all(loss[a] == loss["none"] for a in arms) and len(loss["none"]) == 6
+    dice = {a: {(r["round"], r["domain"]): r["value"] for r in rows if r["arm"] == a and r["metric"] == "dice"}
+            for a in arms}
+    assert set(dice["none"]) == {(t, d) for t in (0, 2, 3) for d in ("A", "B", "newcomer")}
+    assert all(dice[a] != dice["none"] for a in arms if a != "none")
+    costs = {(c["arm"], c["round"]): c for c in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())}
+    assert costs[("fda", 0)]["bytes_bank"] > 0 and "bytes_bank" not in costs[("none", 0)]
+    assert costs[("fda", 1)]["bytes_down"] == costs[("none", 1)]["bytes_down"]  # training messages: no bank
+    assert costs[("fda", 2)]["eval_bytes_down"] > costs[("none", 2)]["eval_bytes_down"]  # evaluate messages: the bank
