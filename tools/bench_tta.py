@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench_probes import load_line  # noqa: E402
+from bench_probes import federation_imported, load_line  # noqa: E402
 from simlab.adaptation.registry import ADAPTATIONS, make_adaptation  # noqa: E402
 from simlab.hospital import Hospital  # noqa: E402
 from simlab.models.unet import build_model, state_to_numpy  # noqa: E402
@@ -44,7 +44,6 @@ from simlab.scenario.schema import load_scenario  # noqa: E402
 from simlab.scenario.task import task_of  # noqa: E402
 from simlab.seeding import derive_seed, seed_everything  # noqa: E402
 
-FEDERATION = ("flwr", "ray")  # must not be imported: adaptation runs at the hospital, without them
 
 
 def prepare(args):
@@ -115,11 +114,7 @@ def main(argv=None) -> int:
         print(f"{name:<16} {med[name]:16.2f} {min(v):8.2f} {max(v):8.2f} {med[name] / med['none']:8.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "ms_per_image": per_image, "median": med}, indent=1))
-    leaked = [m for m in FEDERATION if m in sys.modules]
-    if leaked:
-        print(f"error: {', '.join(leaked)} imported by the hospital's adaptation path", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if federation_imported("the hospital's adaptation path") else 0
 
 
 if __name__ == "__main__":
