@@ -9,9 +9,9 @@ minimised with respect to the channel-wise affine parameters of the normalisatio
 BatchNorm layer normalises with the statistics of the current test batch, x̄ = (x − μ) / σ (μ, σ
 estimated on the batch, not the running averages), and transforms x' = γ·x̄ + β; tent updates γ and β
 by the gradient of H, every other weight frozen, "online on each batch" (one optimiser step per
-batch). For segmentation the entropy is taken per pixel and averaged over the batch's pixels (as the
-paper does for its GTA → Cityscapes experiment). Optimiser as in the paper: Adam (lr 1e-3, its
-CIFAR setting; default) or SGD with momentum 0.9 (its ImageNet setting uses lr 2.5e-4).
+batch). For segmentation the entropy is taken per pixel and averaged over the batch's pixels.
+Optimiser as in the paper: Adam (lr 1e-3, its CIFAR setting; default) or SGD with momentum 0.9 (its
+ImageNet setting uses lr 2.5e-4).
 
 Choices and deviations, stated:
 
