@@ -281,6 +281,41 @@ def test_the_supernode_waits_capped_are_still_flowers_and_only_that_module_s():
     assert runtime_api_address(["--insecure"]) == "127.0.0.1:9094"
 
 
+def test_a_refused_task_heartbeat_gives_up_that_task_only():
+    """Flower's heartbeat ends the ClientApp process (SIGINT) when the SuperNode refuses it; the warm
+    worker's stops beating for that task and goes on. Transient errors are retried as in Flower."""
+    import httpx
+
+    from simlab.engine.clientapp_worker import _failure, task_heartbeat
+
+    class Client:
+        def __init__(self, *answers):
+            self.answers, self.calls = list(answers), 0
+
+        def SendTaskHeartbeat(self, _request):
+            self.calls += 1
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return type("Res", (), {"success": answer})()
+
+    def status_error(code):
+        request = httpx.Request("POST", "http://x")
+        return httpx.HTTPStatusError("e", request=request, response=httpx.Response(code, request=request))
+
+    ok = Client(True, True)
+    beat = task_heartbeat(ok)
+    assert beat() and beat() and ok.calls == 2
+    for refusal in (False, status_error(401)):
+        gone = Client(refusal)
+        beat = task_heartbeat(gone)
+        assert beat() is True and beat() is True and gone.calls == 1  # given up, no SIGINT, no more beats
+    flaky = Client(httpx.ConnectError("down"), status_error(503), True)
+    beat = task_heartbeat(flaky)
+    assert [beat(), beat(), beat()] == [False, False, True]  # False: Flower's retry with back-off
+    assert _failure(ZeroDivisionError("x"))[1] == "<class 'ZeroDivisionError'>:<'x'>"  # Flower's reason format
+
+
 def test_the_waits_for_a_message_s_arrays_are_shortened_where_flower_waits_for_them():
     """The grid (ServerApp), the SuperNode loop and the ClientApp task each import one of Flower's pull
     functions by name; the quick back-off binds into exactly those, and nowhere else."""

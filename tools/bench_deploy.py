@@ -10,10 +10,17 @@ the training phase, and the evaluation phase where one is due), and the time of 
 Deployment sides (``--sides``, comma-separated; each brought up once, its runs repeated):
 
 * ``warm``: simlab's SuperNode (``--executor warm``: one long-lived ClientApp process per SuperNode)
-  with the idle waits capped at ``--poll-interval`` (default 0.2 s);
-* ``warm-3s``: the warm worker with Flower's own 3 s idle wait;
-* ``flower``: Flower's defaults (a ``flwr-clientapp`` process per message, 3 s idle wait). Slow: about
-  two minutes per round on 2 loaded cores.
+  with the idle waits capped at ``--poll-interval`` (default 0.2 s) and the SuperNode's quick back-off
+  for a message's arrays;
+* ``warm-3s``: the warm worker with Flower's own SuperNode waits (3 s idle, 1 s back-off);
+* ``flower``: Flower's SuperNode as it comes (a ``flwr-clientapp`` process per message, 3 s idle
+  wait). Slow: about two minutes per round on 2 loaded cores.
+
+The ServerApp's grid and the warm worker always use simlab's quick back-off
+(:mod:`simlab.federated.object_pulls`). For each side the table also gives the CPU seconds per round
+of each kind of process (from /proc: the SuperLink with its ServerApp, the SuperNodes, their ClientApp
+workers or processes, and the ``flwr`` commands this script runs), and the CPU they burn per second
+when the deployment is idle (polling), over ``--idle`` seconds before the first run.
 
     tools/bench_deploy.py [--hospitals 3] [--rounds 4] [--image-size 32] [--method odex] [--reps 3]
                           [--sides warm,warm-3s] [--poll-interval 0.2]
@@ -83,8 +90,47 @@ def simulate(path: Path, out: Path) -> tuple[float, float]:
 SIDES = {"warm": ("warm", "poll"), "warm-3s": ("warm", None), "flower": ("flower", None)}
 
 
-def deploy_side(side: str, path: Path, root: Path, hospitals: list[str], reps: int, poll: float,
-                on_rep) -> tuple[float, list[tuple[float, float]]]:
+ROLES = {"flower-superlink": "superlink", "flower-superexec": "superlink", "flwr-serverapp": "superlink",
+         "simlab.engine.supernode": "supernode", "simlab.engine.clientapp_worker": "clientapp",
+         "flwr-clientapp": "clientapp"}
+
+
+def cpu_by_role(dep) -> dict[str, float]:
+    """CPU seconds so far of the deployment's processes by role (a process's own time and that of its
+    children it has reaped, so an exited ServerApp or ClientApp process counts with its parent), plus
+    the ``flwr`` commands this process ran (``cli``)."""
+    import resource
+
+    from simlab.engine.procs import children_map, descendants
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"superlink": 0.0, "supernode": 0.0, "clientapp": 0.0}
+    children = children_map()
+    for rec in dep.records:
+        if not rec.alive():
+            continue
+        for pid in [rec.pid, *descendants(rec.pid, children)]:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+            names = [Path(a.decode(errors="replace")).name for a in argv[:3]] + [a.decode(errors="replace") for a in argv[:3]]
+            role = next((ROLES[n] for n in names if n in ROLES), rec.role)
+            out[role] = out.get(role, 0.0) + ticks / tick
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["cli"] = usage.ru_utime + usage.ru_stime
+    return out
+
+
+def _minus(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in a}
+
+
+def deploy_side(side: str, path: Path, root: Path, hospitals: list[str], reps: int, poll: float, idle_s: float,
+                on_rep) -> tuple[float, list[tuple[float, float]], dict[str, float], dict[str, float]]:
     from simlab.engine.deploy_run import bring_up, run_deployment
     from simlab.engine.deployment import Deployment
     from simlab.engine.pki import make_pki
@@ -97,14 +143,27 @@ def deploy_side(side: str, path: Path, root: Path, hospitals: list[str], reps: i
         bring_up(dep, pki, hospitals, data_dir=root / f"sites-{side}", executor=executor,
                  poll_s=poll if poll_key else None)
         up_s = time.perf_counter() - t0
-        out = []
+        time.sleep(10.0)  # the ClientApp workers import torch and MONAI after the SuperNodes are online
+        a = cpu_by_role(dep)
+        time.sleep(idle_s)
+        idle = {k: v / idle_s for k, v in _minus(cpu_by_role(dep), a).items()}
+        out, per_round = [], []
         for rep in range(reps):
             on_rep(rep)
+            before = cpu_by_role(dep)
             run_dir, _ = run_deployment(path, dep, out=str(root / f"run-{side}-{rep}"))
+            rounds = _rounds(run_dir)
+            per_round.append({k: v / rounds for k, v in _minus(cpu_by_role(dep), before).items()})
             out.append(round_times(run_dir))
-        return up_s, out
+        cpu = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
+        return up_s, out, cpu, idle
     finally:
         dep.stop()
+
+
+def _rounds(run_dir: Path) -> int:
+    """Rounds of a run including round 0's evaluation (what the CPU per round is divided by)."""
+    return sum(1 for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x)
 
 
 def main() -> int:
@@ -116,6 +175,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--sides", default="warm,warm-3s")
     p.add_argument("--poll-interval", type=float, default=0.2)
+    p.add_argument("--idle", type=float, default=10.0, help="seconds of idle deployment to measure polling CPU")
     args = p.parse_args()
     sides = [s for s in args.sides.split(",") if s]
     if unknown := [s for s in sides if s not in SIDES]:
@@ -130,18 +190,24 @@ def main() -> int:
     results = {}
     for side in sides:
         # simulation alternates with the side's repetitions: one simulated run before each deployed one
-        up_s, runs = deploy_side(side, path, root, hospitals, args.reps, args.poll_interval,
-                                 lambda rep: sim.append(simulate(path, root / f"sim-{side}-{rep}")))
-        results[side] = (up_s, runs)
+        results[side] = deploy_side(side, path, root, hospitals, args.reps, args.poll_interval, args.idle,
+                                    lambda rep: sim.append(simulate(path, root / f"sim-{side}-{rep}")))
     sim_round = statistics.median(r for r, _ in sim)
     sim_arm = statistics.median(a for _, a in sim)
     print(f"\n{args.hospitals} hospitals, {args.rounds} rounds, {args.image_size} px, {args.method}; "
           f"medians of {args.reps} repetitions (simulation: {len(sim)} runs, alternating)")
     print(f"{'side':10s} {'bring-up s':>10s} {'round s':>9s} {'arm s':>8s} {'round / sim':>12s} {'arm / sim':>10s}")
     print(f"{'simulated':10s} {'':>10s} {sim_round:9.2f} {sim_arm:8.1f} {1.0:12.2f} {1.0:10.2f}")
-    for side, (up_s, runs) in results.items():
+    for side, (up_s, runs, _, _) in results.items():
         rnd, arm = statistics.median(r for r, _ in runs), statistics.median(a for _, a in runs)
         print(f"{side:10s} {up_s:10.1f} {rnd:9.2f} {arm:8.1f} {rnd / sim_round:12.2f} {arm / sim_arm:10.2f}")
+    roles = ["superlink", "supernode", "clientapp", "cli"]
+    print(f"\nCPU seconds per round (round 0 included; median over repetitions) | CPU s per s when idle")
+    print(f"{'side':10s} " + " ".join(f"{r:>9s}" for r in roles) + f" {'total':>7s} | "
+          + " ".join(f"{r:>9s}" for r in roles[:3]))
+    for side, (_, _, cpu, idle) in results.items():
+        print(f"{side:10s} " + " ".join(f"{cpu.get(r, 0):9.2f}" for r in roles) + f" {sum(cpu.values()):7.2f} | "
+              + " ".join(f"{idle.get(r, 0):9.3f}" for r in roles[:3]))
     print(load_line(before))
     print(f"run directories: {root}")
     return 0

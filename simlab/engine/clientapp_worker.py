@@ -52,10 +52,9 @@ from flwr.clientapp.client_app import LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import get_project_dir
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
-from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -77,11 +76,11 @@ def _client(address: str, component: str, token: str | None = None) -> RuntimeHt
                                                  retry_invoker=make_simple_http_retry_invoker())
 
 
-def task_heartbeat(client: RuntimeHttpClient, lost: threading.Event) -> Callable[[], bool]:
+def task_heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     """Flower's task heartbeat (``make_task_heartbeat_fn_http``) for a task that shares its process:
     where Flower ends the ClientApp process when the SuperNode no longer knows the task (its run was
-    stopped, or the SuperNode restarted), this sets ``lost`` and stops beating; the worker goes on."""
-    request = SendTaskHeartbeatRequest()
+    stopped, or the SuperNode restarted), this one stops beating and the worker goes on."""
+    request, lost = SendTaskHeartbeatRequest(), threading.Event()
 
     def beat() -> bool:
         if lost.is_set():
@@ -143,7 +142,7 @@ class Worker:
         """One task, as ``flwr-clientapp --token TOKEN`` would run it (without exiting afterwards);
         every exception is reported to the SuperNode, as there."""
         client = _client(self.address, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(task_heartbeat(client, threading.Event()))
+        heartbeat = HeartbeatSender(task_heartbeat(client))
         heartbeat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
@@ -168,7 +167,8 @@ class Worker:
             except Exception as ex:  # pylint: disable=broad-exception-caught
                 log.error("failed to push the reply", exc_info=ex)
             push_task_output(client=client, context=context, sub_status=status, details=details)
-            heartbeat.stop()
+            if heartbeat.is_running:
+                heartbeat.stop()
             client.close()
             with self._app_lock:
                 self.tasks_run += 1
