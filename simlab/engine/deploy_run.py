@@ -96,6 +96,8 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
     """Run every arm of a scenario on a running deployment (one Flower run per arm, in order) and write
     the run directory as ``simlab run`` does. Must run on the SuperLink's machine: the ServerApp writes
     into the run directory and reads the scenario file by the absolute paths given in the run config.
+    The scenario and the run directory are checked here; each hospital's data is at its site, and each
+    checks its own when the ServerApp identifies it (:meth:`Federation.check_inputs`), before round 0.
 
     ``resume_dir``: continue that run after its ServerApp died (``simlab run --resume``): the scenario
     path (``scenario`` is ignored), overrides and seed come from its run.json, completed arms are kept,
