@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from simlab.adaptation.base import AdaptationContext
+from simlab.adaptation.registry import make_adaptation
 from simlab.augment.frequency import FrequencyAugmenter, make_bank_entries
 from simlab.continual.odex import Entry, decide, fit_entry, route
 from simlab.continual.odex_features import ScoreCache, pool_scores, window_features
@@ -27,7 +29,7 @@ from simlab.continual.training import TrainConfig, pick_device
 from simlab.data.streams import DataFactory, HospitalStream
 from simlab.metrics.registry import metric_rows
 from simlab.metrics.segmentation import dice_per_class, predict
-from simlab.models.norm import adapt_batchnorm, norm_state_keys
+from simlab.models.norm import norm_state_keys
 from simlab.models.unet import build_model, load_numpy_state, state_to_numpy
 from simlab.scenario.task import HospitalTask
 from simlab.seeding import derive_seed
@@ -174,11 +176,9 @@ class Hospital:
         return self._window_dice(self.model(state, device), t, device)
 
     def _window_dice(self, model: torch.nn.Module, t: int, device) -> float:
-        w = self.stream.window(t)
-        if not w.n_labeled:  # the scenario check refuses DiceEx at a hospital without labels
-            raise ValueError(f"hospital {self.id}: round {t}'s window has no labelled image to measure Dice on")
-        pred = predict(model, w.images[w.labeled], self.task.evaluation.batch_size, device)
-        target = torch.from_numpy(w.labels[w.labeled].astype(np.int64))
+        images, labels = self.labelled_window(t)
+        pred = predict(model, images, self.task.evaluation.batch_size, device)
+        target = torch.from_numpy(labels.astype(np.int64))
         return float(dice_per_class(pred, target, self.task.num_classes).mean())
 
     def test_sets(self, domains: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -190,20 +190,41 @@ class Hospital:
         wanted = self.task.eval_domains if domains is None else [d for d in self.task.eval_domains if d in domains]
         return {domain: self.factory.test_set(domain) for domain in wanted}
 
-    def evaluate(self, state: State, private: State | None = None, domains: list[str] | None = None) -> dict[str, float]:
+    def evaluate(self, state: State, private: State | None = None, domains: list[str] | None = None, t: int = 0,
+                 bank: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """Every registered metric (:mod:`simlab.metrics.registry`) of the model deployed at this
-        hospital on each test domain of ``domains`` (every one when None): the received model, with
-        this hospital's own normalisation layers under ``federation.norm: local``, and with
-        ``evaluation.adaptation: adabn`` its BatchNorm statistics re-estimated on each test set's
-        images first (no labels). A test set depends on its domain only, so a model deployed the same
-        everywhere scores it the same at any hospital."""
-        device, bs = self.device(), self.task.evaluation.batch_size
+        hospital on each test domain of ``domains`` (every one when None), in round ``t``: the received
+        model, with this hospital's own normalisation layers under ``federation.norm: local``, adapted
+        to each test set by ``evaluation.adaptation`` (:mod:`simlab.adaptation`: it sees the test
+        images, never their labels, and starts from the deployed model for every test set); ``bank``:
+        the FedDG amplitude bank, for adaptations that read it. A test set depends on its domain only,
+        so a model deployed the same everywhere scores it the same at any hospital (an adaptation that
+        reads the hospital's own window, ``reads_source``, depends on the evaluator too)."""
+        device = self.device()
         model, out = self.model(state, device, private), {}
+        adaptation = make_adaptation(self.task.evaluation)
         for domain, (images, labels) in self.test_sets(domains).items():
-            deployed = adapt_batchnorm(model, images, bs, device) if self.task.evaluation.adaptation == "adabn" else model
-            pred = predict(deployed, images, bs, device)
+            pred = adaptation.predict(model, images, self.adaptation_context(domain, t, bank, device)).pred
             out.update(metric_rows(domain, pred, torch.from_numpy(labels.astype(np.int64)), self.task.num_classes))
         return out
+
+    def adaptation_context(self, domain: str, t: int, bank: dict[str, np.ndarray] | None, device: str
+                           ) -> AdaptationContext:
+        """What a test-time adaptation of ``domain``'s test set in round t is given: a seed of the
+        scenario, domain and round, the bank, and this hospital's labelled window of round t (round 1
+        for the initial model's evaluation), read only by adaptations that declare ``reads_source``."""
+        return AdaptationContext(batch_size=self.task.evaluation.batch_size, device=device,
+                                 seed=derive_seed(self.task.seed, "adapt", domain, t), bank=bank,
+                                 source=lambda: self.labelled_window(max(t, 1)))
+
+    def labelled_window(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """The labelled images of round t's window and their labels (unlabelled images left out). A
+        window without any (``label_fraction: 0``) is an error: the scenario checks refuse the methods
+        that need one (DiceEx, early-feature self-training) at such a hospital."""
+        w = self.stream.window(t)
+        if not w.n_labeled:
+            raise ValueError(f"hospital {self.id}: round {t}'s window has no labelled image")
+        return w.images[w.labeled], w.labels[w.labeled]
 
     def evaluate_pool(self, members: dict[int, State], histories: dict[int, list[Entry]],
                       oracle: dict[str, int], domains: list[str] | None = None) -> dict[str, float]:

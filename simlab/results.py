@@ -110,15 +110,22 @@ def change_start(drift, before: Stage, stage: Stage) -> int:
     return t
 
 
+def training_hospitals(scenario: Scenario) -> list:
+    """The hospitals whose windows train the federation's models: a site with ``participates: false``
+    only tests, so its stream's domains are test domains of the federation, not stages it learns (its
+    own per-hospital block still follows its stream)."""
+    return [h for h in scenario.hospitals if h.participates]
+
+
 def pooled_stages(scenario: Scenario) -> tuple[list[Stage], dict[str, list[str]]]:
-    """Federation-level stages: named domains grouped by the round they first contribute to a window of
-    any stream (:func:`simlab.data.drift.contribution_span`).
+    """Federation-level stages: named domains grouped by the round they first contribute to a training
+    window of any participating hospital's stream (:func:`simlab.data.drift.contribution_span`).
 
     Returns the stages (``domain`` = the group's label, e.g. ``A+B`` when A and B start together) and
     the group label → domains map."""
     T = scenario.federation.rounds
     first: dict[str, int] = {}
-    for h in scenario.hospitals:
+    for h in training_hospitals(scenario):
         for d, (a, _) in contribution_span(h.drift, T).items():
             first[d] = min(first.get(d, a), a)
     starts = sorted(set(first.values()))
@@ -129,12 +136,13 @@ def pooled_stages(scenario: Scenario) -> tuple[list[Stage], dict[str, list[str]]
 
 
 def departures(scenario: Scenario, hospital_id: str | None = None) -> dict[str, int]:
-    """``L_d`` of every domain that left every stream (with ``hospital_id``: that hospital's stream) before
-    the last round T: the last round in which it contributes to a training window. A domain fading out
+    """``L_d`` of every domain that left every participating hospital's stream (with ``hospital_id``: that
+    hospital's stream) before the last round T: the last round in which it contributes to a training
+    window. A domain fading out
     of a gradual or population transition contributes until its weight reaches 0."""
     T = scenario.federation.rounds
     last: dict[str, int] = {}
-    for h in scenario.hospitals:
+    for h in (training_hospitals(scenario) if hospital_id is None else scenario.hospitals):
         if hospital_id is None or h.id == hospital_id:
             for d, (_, b) in contribution_span(h.drift, T).items():
                 last[d] = max(last.get(d, b), b)

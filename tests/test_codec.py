@@ -79,6 +79,11 @@ def test_typed_messages_round_trip_through_records():
     assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).members is None
     assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).domains is None
     assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model, domains=["B"]))).domains == ["B"]
+    with_bank = codec.Evaluate(7, "{}", model=model, bank=train.bank)  # a test-time adaptation that reads the bank
+    got_bank = codec.decode_evaluate(codec.encode(with_bank)).bank
+    assert got_bank["h1"].tobytes() == train.bank["h1"].tobytes()
+    assert codec.broadcast_nbytes(with_bank) == sum(v.nbytes for v in model.values()) + train.bank["h1"].nbytes
+    assert codec.decode_evaluate(codec.encode(codec.Evaluate(7, "{}", model=model))).bank is None
     pool = codec.Evaluate(7, "{}", members=members, histories=hist, oracle={}, domains=["A", "C"])
     assert codec.decode_evaluate(codec.encode(pool)).domains == ["A", "C"]
 

@@ -268,7 +268,7 @@ def test_the_supernode_waits_capped_are_still_flowers_and_only_that_module_s():
     src = inspect.getsource(sci)
     assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
     assert {n for n in __import__("re").findall(r"\btime\.(\w+)", src)} == {"sleep"}
-    original = sci.time
+    original, original_pull = sci.time, sci.pull_objects
     try:
         cap_idle_waits(0.01)
         t0 = time.perf_counter()
@@ -276,9 +276,37 @@ def test_the_supernode_waits_capped_are_still_flowers_and_only_that_module_s():
         assert time.perf_counter() - t0 < 1.0
         assert sci.time.monotonic is time.monotonic and time.sleep is not sci.time.sleep
     finally:
-        sci.time = original
+        sci.time, sci.pull_objects = original, original_pull
     assert runtime_api_address(["--superlink", "x:1", "--host", "0.0.0.0", "--port", "9100"]) == "127.0.0.1:9100"
     assert runtime_api_address(["--insecure"]) == "127.0.0.1:9094"
+
+
+def test_the_waits_for_a_message_s_arrays_are_shortened_where_flower_waits_for_them():
+    """The grid (ServerApp), the SuperNode loop and the ClientApp task each import one of Flower's pull
+    functions by name; the quick back-off binds into exactly those, and nowhere else."""
+    import functools
+    import inspect
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.runtime import run_clientapp
+
+    from simlab.federated.object_pulls import BACKOFF_CAP_S, INITIAL_BACKOFF_S, quick_object_pulls
+
+    defaults = inspect.signature(inflatable_utils.pull_objects).parameters
+    assert (defaults["initial_backoff"].default, defaults["backoff_cap"].default) == (1, 10)  # Flower's
+    for module, name in ((http_grid, "pull_objects"), (start_client_internal, "pull_objects"),
+                         (run_clientapp, "pull_and_inflate_object_from_tree")):
+        original = getattr(module, name)
+        try:
+            assert quick_object_pulls(module) == [name]
+            bound = getattr(module, name)
+            assert isinstance(bound, functools.partial) and bound.func is getattr(inflatable_utils, name)
+            assert bound.keywords == {"initial_backoff": INITIAL_BACKOFF_S, "backoff_cap": BACKOFF_CAP_S}
+        finally:
+            setattr(module, name, original)
+    assert not isinstance(inflatable_utils.pull_objects, functools.partial)
 
 
 # --------------------------------------------------------------------------------------- integration

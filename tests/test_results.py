@@ -253,3 +253,16 @@ def test_abrupt_stages_and_schedule_unchanged():
     from simlab.federated.federation import evaluation_rounds
 
     assert evaluation_rounds(sc) == [0, 2, 3, 5]
+
+
+def test_a_site_that_does_not_participate_only_tests():
+    """Its stream's domains are not stages the federation learns nor domains that left a training stream;
+    its own block still follows its stream."""
+    raw = {**RAW, "hospitals": [*RAW["hospitals"],
+                                {"id": "new", "participates": False, "label_fraction": 0,
+                                 "drift": {"type": "abrupt", "domains": ["C", "B"], "at": [2]}}]}
+    sc = load_scenario_dict(raw, "<t>").base
+    assert pooled_stages(sc) == pooled_stages(load_scenario_dict(RAW, "<t>").base)
+    assert departures(sc) == {"C": 3}  # h2's, not the newcomer's C, which left its stream after round 1
+    assert departures(sc, "new") == {"C": 1}
+    assert [(s.domain, s.first_round) for s in hospital_stages(sc, "new")] == [("C", 1), ("B", 2)]

@@ -24,6 +24,15 @@ from pathlib import Path
 TRACE_DIR = Path(__file__).resolve().parent / "worker_trace"
 
 
+def federation_imported(what: str) -> bool:
+    """Whether Flower or Ray was imported by this process; if so, says so on stderr (``what``: the code
+    that was meant to run without them). Benchmarks of the hospital side fail on it."""
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("flwr", "ray"))
+    if leaked:
+        print(f"error: federation packages were imported by {what}: {', '.join(leaked)}", file=sys.stderr)
+    return bool(leaked)
+
+
 # ------------------------------------------------------------------------------ messages
 def load_line(before: tuple[float, ...]) -> str:
     """The machine's load average before a benchmark and now: how much else was running."""

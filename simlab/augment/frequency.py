@@ -66,6 +66,7 @@ __all__ = [
     "FrequencyAugmenter",
     "half_width",
     "low_freq_block",
+    "amplitude_block",
     "make_bank_entries",
     "bank_nbytes",
     "interpolate_amplitude",
@@ -183,7 +184,16 @@ def low_freq_block(images: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     _check_images(images)
     h, w = images.shape[-2:]
-    b = half_width(h, w, alpha)
+    return amplitude_block(images, half_width(h, w, alpha))
+
+
+def amplitude_block(images: torch.Tensor, b: int) -> torch.Tensor:
+    """:func:`low_freq_block` for a given half-width ``b`` (the ``(2b+1)²`` block must fit the image):
+    the centred low-frequency amplitudes ``[B, C, 2b+1, 2b+1]``, DC at ``[b, b]``, of the same size as
+    the blocks a bank of half-width ``b`` holds."""
+    _check_images(images)
+    if b < 0 or 2 * b + 1 > min(images.shape[-2:]):
+        raise ValueError(f"a {2 * b + 1}x{2 * b + 1} block does not fit a {tuple(images.shape[-2:])} image")
     spectrum = torch.fft.fft2(images.to(_compute_dtype(images.dtype)))
     block, _, _ = _gather_block(spectrum, b)
     return block.abs()

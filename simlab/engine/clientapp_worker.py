@@ -27,9 +27,9 @@ past the handler that would delete the message), leaving a task whose message ne
 ClientApp process waits up to 2 hours for it. Serving tasks one after the other would block the node
 behind it (seen when a ServerApp is stopped during a round). For the same reason a task whose
 heartbeat the SuperNode refuses is given up alone (:func:`task_heartbeat`), where Flower's heartbeat
-ends the whole process with a SIGINT. The waits for a message's arrays
-themselves start at 0.02 s and double up to 0.5 s (Flower: from 1 s to 10 s), since this worker asks for
-a task as soon as the SuperNode has one, usually while it is still pulling the arrays.
+ends the whole process with a SIGINT. This worker asks for a task as soon as the SuperNode has one,
+usually while the SuperNode is still pulling the message's arrays, so it waits for them with a short
+back-off (:mod:`simlab.federated.object_pulls`).
 
 Run by hand (the SuperNode's runtime API must be reachable; it listens on 127.0.0.1:9094 by default)::
 
@@ -39,7 +39,6 @@ Run by hand (the SuperNode's runtime API must be reachable; it listens on 127.0.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import signal
 import threading
@@ -60,10 +59,11 @@ from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime import run_clientapp as flower_clientapp
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from simlab.federated.object_pulls import quick_object_pulls
 
 log = logging.getLogger("simlab.clientapp_worker")
 
@@ -107,13 +107,6 @@ def _failure(ex: Exception) -> tuple[int, str]:
     if isinstance(ex, LoadClientAppError):
         return ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
     return ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(type(ex)) + ":<'" + str(ex) + "'>"
-
-
-def quick_object_pulls(initial_backoff: float = 0.02, backoff_cap: float = 0.5) -> None:
-    """A message's arrays are waited for from ``initial_backoff`` seconds, doubling up to ``backoff_cap``
-    (in this process; Flower's total wait, 2 hours, stays)."""
-    flower_clientapp.pull_and_inflate_object_from_tree = functools.partial(
-        pull_and_inflate_object_from_tree, initial_backoff=initial_backoff, backoff_cap=backoff_cap)
 
 
 class Worker:
@@ -197,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request (ten a second when idle)
     import simlab.federated.flower_app  # noqa: F401  # the imports a message would wait for, paid now
 
-    quick_object_pulls()
+    quick_object_pulls(flower_clientapp)
     worker = Worker(args.runtime_api_address, args.poll_interval)
     _stop_on((signal.SIGINT, signal.SIGTERM), worker.stop)
     if args.parent_pid is not None:

@@ -13,8 +13,9 @@ message.
 and polls the ClientApp's reply every 0.5 s; a round has at least two phases (train, evaluate), each
 waiting on average half a poll per hospital before it starts. The cap replaces ``time`` in that module
 only (no other module's waits change, e.g. retries and heartbeats) and trades it for more requests: a
-SuperNode polling every S seconds sends 1/S pull requests per second to the SuperLink. Without the
-option Flower's waits stay as they are. ``tests/test_deploy.py`` checks that the waits it caps are still
+SuperNode polling every S seconds sends 1/S pull requests per second to the SuperLink. The same option
+shortens the back-off of that module's waits for a message's arrays
+(:mod:`simlab.federated.object_pulls`). Without the option Flower's waits stay as they are. ``tests/test_deploy.py`` checks that the waits it caps are still
 the ones Flower 1.41 has, so an upgrade that changes them is noticed.
 """
 
@@ -46,10 +47,15 @@ class CappedTime:
 
 
 def cap_idle_waits(cap: float) -> None:
-    """Every ``time.sleep`` of Flower's SuperNode loop (:data:`CAPPED_MODULE`) waits at most ``cap`` s."""
+    """Every ``time.sleep`` of Flower's SuperNode loop (:data:`CAPPED_MODULE`) waits at most ``cap`` s,
+    and it waits for a message's arrays with a short back-off (:mod:`simlab.federated.object_pulls`)."""
     import importlib
 
-    importlib.import_module(CAPPED_MODULE).time = CappedTime(cap)
+    from simlab.federated.object_pulls import quick_object_pulls
+
+    module = importlib.import_module(CAPPED_MODULE)
+    module.time = CappedTime(cap)
+    quick_object_pulls(module)
 
 
 def runtime_api_address(flower_args: list[str]) -> str:

@@ -211,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if req.members is None:
         local = hospital.task.federation.norm == "local"  # only then does the deployed model use private state
         private = _method_state(req.state, context, _state_store(req.state, context, hospital.id)) if local else {}
-        out = hospital.evaluate(req.model, private, req.domains)
+        out = hospital.evaluate(req.model, private, req.domains, t=req.round, bank=req.bank)
     else:
         out = hospital.evaluate_pool(req.members, req.histories, req.oracle, req.domains)
     n_domains = len(hospital.task.eval_domains if req.domains is None else req.domains)

@@ -228,6 +228,7 @@ class Evaluate:
     oracle: dict[str, int] | None = None  # true domain → member trained on it most (evaluation only)
     state: dict = field(default_factory=dict)  # as Train.state: where the hospital's private state is
     domains: list[str] | None = None  # the test domains to evaluate (None: every domain of the task)
+    bank: dict[str, np.ndarray] | None = None  # FedDG amplitude blocks, for adaptations that read them (fda)
 
 
 # ------------------------------------------------------------------------------ replies
@@ -332,8 +333,9 @@ def _encode_evaluate(msg: Evaluate, enc: Encoder) -> RecordDict:
     config: dict = {"round": msg.round, "task": msg.task, **msg.state}
     if msg.domains is not None:
         config["domains"] = list(msg.domains)
+    bank = {"bank": enc.arrays(msg.bank)} if msg.bank is not None else {}
     if msg.members is None:
-        return RecordDict({"arrays": enc.arrays(msg.model), "config": ConfigRecord(config)})
+        return RecordDict({"arrays": enc.arrays(msg.model), **bank, "config": ConfigRecord(config)})
     records = {f"m{m}": enc.arrays(state) for m, state in msg.members.items()}
     config.update(members=[int(m) for m in msg.members], oracle=json.dumps(msg.oracle or {}))
     return RecordDict({**records, **enc.histories(msg.histories or {}), "config": ConfigRecord(config)})
@@ -353,7 +355,7 @@ def broadcast_nbytes(msg: Train | Evaluate) -> int:
         n += sum(state_nbytes(s) for s in msg.members.values())
     if msg.histories:
         n += histories_nbytes(msg.histories)
-    if isinstance(msg, Train) and msg.bank is not None:
+    if msg.bank is not None:
         n += state_nbytes(msg.bank)
     return n
 
@@ -397,8 +399,9 @@ def decode_evaluate(content: RecordDict) -> Evaluate:
     cfg = content["config"]
     domains = [str(d) for d in cfg["domains"]] if "domains" in cfg else None
     if "members" not in cfg:
+        bank = from_array_record(content["bank"]) if "bank" in content else None
         return Evaluate(int(cfg["round"]), str(cfg["task"]), model=from_array_record(content["arrays"]),
-                        state=_state_config(cfg), domains=domains)
+                        state=_state_config(cfg), domains=domains, bank=bank)
     members = {int(m): from_array_record(content[f"m{int(m)}"]) for m in cfg["members"]}
     return Evaluate(int(cfg["round"]), str(cfg["task"]), members=members, histories=unpack_histories(content),
                     oracle={d: int(m) for d, m in json.loads(str(cfg["oracle"])).items()}, state=_state_config(cfg),

@@ -34,6 +34,7 @@ from simlab import interrupt
 from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
 from simlab.continual.registry import method_class
 from simlab.data.drift import contribution_span, true_domains
+from simlab.adaptation.registry import adaptation_class
 from simlab.aggregation import EmptyAggregation, OptState, aggregate, make_server_optimizer
 from simlab.federated import codec
 from simlab.federated.codec import state_nbytes
@@ -121,6 +122,8 @@ class Federation:
         self.domains = {h.id: true_domains(h.drift, scenario.federation.rounds) for h in scenario.hospitals}
         self.timeout = scenario.federation.round_timeout_s
         self.bank: dict[str, np.ndarray] = {}
+        # the evaluation's adaptation reads the bank (fda): collected even when the augmentation is off
+        self.eval_bank = adaptation_class(scenario.evaluation).needs_bank
         self.resume = resume
         self.ckpt = checkpoint_path(runlog.run_dir, runlog.arm) if scenario.output.checkpoint else None
         # hospital-side state (EWC, replay) is saved at the hospital when it must survive a restart;
@@ -227,8 +230,8 @@ class Federation:
     def deployed_per_hospital(self) -> bool:
         """Whether the model deployed at one hospital differs from the next one's, so that every hospital
         evaluates its own: yes under ``federation.norm: local`` (FedBN: each hospital deploys the global
-        model with its own normalisation layers); no for the shared global model, with or without
-        ``evaluation.adaptation: adabn`` (AdaBN re-estimates the statistics on each test set, which
+        model with its own normalisation layers); no for the shared global model, with or without a
+        test-time adaptation (``evaluation.adaptation``: it adapts the model to each test set, which
         depends on the domain only). A federation whose deployed system differs per hospital
         (personalised or per-hospital routed models) overrides this."""
         return self.sc.federation.norm == "local"
@@ -244,11 +247,11 @@ class Federation:
 
     def eval_requests(self, t: int, state: dict[str, np.ndarray], plan: dict[str, list[str] | None]
                       ) -> dict[str, codec.Evaluate]:
-        """The ``evaluate`` message of each evaluator: the model, and where its private state is only
-        when the deployed model uses it."""
-        private = self.deployed_per_hospital()
+        """The ``evaluate`` message of each evaluator: the model, where its private state is only when
+        the deployed model uses it, and the amplitude bank only when the adaptation reads it."""
+        private, bank = self.deployed_per_hospital(), self.bank if self.eval_bank else None
         return {h: codec.Evaluate(t, self.parts[h], model=state, state=self.state_config(h) if private else {},
-                                  domains=domains) for h, domains in plan.items()}
+                                  domains=domains, bank=bank) for h, domains in plan.items()}
 
     def evaluate(self, t: int, state: dict[str, np.ndarray]) -> tuple[int, list[str]]:
         """Evaluate round t's deployed model(s) (:meth:`evaluation_plan`); the bytes sent down and the
@@ -328,10 +331,10 @@ class Federation:
         targets = self.sample(t)
         bank, bank_bytes = None, 0
         freq = self.sc.augmentation
-        if freq.frequency.enabled:
+        if freq.frequency.enabled or self.eval_bank:
             if not self.bank or (freq.frequency_refresh and (t - 1) % freq.frequency_refresh == 0):
                 bank_bytes += self.share_amplitudes(t)
-            bank = self.bank
+            bank = self.bank if freq.frequency.enabled else None  # sent for training only to augment
         requests = {h: self.train_request(h, t, state, bank=bank) for h in targets}
         replies, failed = self.train_replies(t, targets, requests)
         shared = {k: v for k, v in state.items() if k not in self.local}  # all of it unless FedBN
@@ -436,9 +439,12 @@ class Federation:
         eval_at = set(evaluation_rounds(sc))
         if done < 0:
             start = time.perf_counter()
+            # an adaptation that reads the bank needs it before round 1 would share it: the first windows' blocks
+            shared = self.share_amplitudes(1) if self.eval_bank and not self.bank else 0
             ev = self.timed_evaluation(0, state)
             self.log.round_cost(0, wall_time_s=time.perf_counter() - start, evaluated=True,
-                                bytes_down=ev["eval_bytes_down"], **ev)
+                                bytes_down=ev["eval_bytes_down"],
+                                **({"bytes_up": shared, "bytes_bank": shared} if shared else {}), **ev)
             self.save(0, state, started)
         for t in range(max(done, 0) + 1, sc.federation.rounds + 1):
             start = time.perf_counter()

@@ -19,7 +19,8 @@ the ServerApp to a Scenario and a RunLog directly, here everything comes from th
                         hospital's node config must name one (a deployment)
 
 It then runs the ServerApp that :func:`simlab.federated.server_app.make_server_app` builds for that
-arm, exactly as the in-process launcher does. Any error (invalid scenario, a hospital that cannot
+arm, exactly as the in-process launcher does, with the grid waiting for the hospitals' replies with a
+short back-off (:mod:`simlab.federated.object_pulls`). Any error (invalid scenario, a hospital that cannot
 identify itself, a missing node) is raised, so Flower marks the run ``finished:failed`` and the
 message is in ``flwr log``; the reason is also written to ``simlab.log`` in the run directory.
 
@@ -32,12 +33,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from simlab.federated.client_app import app as client_app
+from simlab.federated.object_pulls import quick_object_pulls
 from simlab.federated.server_app import make_server_app
 from simlab.fileio import run_path
 from simlab.rundir import RunDirError, resume_inputs
@@ -109,6 +112,7 @@ def hospital_state_dir(run_config: dict) -> str | None:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    quick_object_pulls(sys.modules[type(grid).__module__])  # the grid waits for the hospitals' replies
     scenario, arm, run_dir = scenario_from_run_config(dict(context.run_config))
     state_dir = hospital_state_dir(dict(context.run_config))
     handler = logging.FileHandler(run_path(run_dir, "simlab.log"), encoding="utf-8")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from simlab.adaptation.registry import ADAPTATIONS, adaptation_class, adaptation_field, param_sections
 from simlab.augment.frequency import FrequencyParams
 from simlab.continual.registry import ContinualSpec, method_class
 from simlab.continual.semi_supervised import SemiSupervisedSpec
@@ -19,7 +20,7 @@ from simlab.continual.training import loss_weight
 from simlab.data.specs import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
 from simlab.aggregation import AggregationParams, ServerOptimizerParams
-from simlab.config import ScenarioError, build, read_yaml, set_dotted, to_plain
+from simlab.config import ScenarioError, assemble, build, read_yaml, set_dotted, to_plain
 from simlab.runlog import RESERVED_IDS
 
 
@@ -72,18 +73,22 @@ class AugmentationSpec:
                                                  "from each hospital's first window)"})
 
 
-@dataclass(frozen=True)
-class EvaluationSpec:
-    every: int = field(default=5, metadata={"ge": 1, "help": "evaluate every k rounds (and at boundaries)"})
-    at_boundaries: bool = True
-    test_size: int = field(default=64, metadata={
-        "ge": 1, "le": 100_000, "why": "each domain's test set is held in memory: 100,000 images of 128² px take 6.6 GB",
-        "help": "held-out test images per domain (at most 100,000: each test set is held in memory)"})
-    domains: list[str] | None = field(default=None, metadata={"help": "domains to test on (default: all)"})
-    batch_size: int = field(default=64, metadata={"ge": 1, "le": 65_536, "why": "one batch is held in memory"})
-    adaptation: Literal["none", "adabn"] = field(
-        default="none", metadata={"help": "none: evaluate the deployed model as it is; adabn: re-estimate its "
-                                          "BatchNorm statistics on each test set's images first (AdaBN, no labels)"})
+EvaluationSpec = assemble(
+    "EvaluationSpec",
+    "When and on what the deployed model is evaluated, and the test-time adaptation applied first "
+    "(``adaptation``, with each registered adaptation's params in ``evaluation.<name>``).",
+    [
+        ("every", int, field(default=5, metadata={"ge": 1, "help": "evaluate every k rounds (and at boundaries)"})),
+        ("at_boundaries", bool, field(default=True)),
+        ("test_size", int, field(default=64, metadata={
+            "ge": 1, "le": 100_000, "why": "each domain's test set is held in memory: 100,000 images of 128² px take 6.6 GB",
+            "help": "held-out test images per domain (at most 100,000: each test set is held in memory)"})),
+        ("domains", list[str] | None, field(default=None, metadata={"help": "domains to test on (default: all)"})),
+        ("batch_size", int, field(default=64, metadata={"ge": 1, "le": 65_536, "why": "one batch is held in memory"})),
+        adaptation_field(),
+    ],
+    ADAPTATIONS,
+)
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,8 @@ MAX_IMAGE_BYTES = 32 * 2**30
 """Memory for the images of one window or one test set (image and label), generous for one machine."""
 
 ARM_SECTIONS = ("continual", "federation", "model", "augmentation", "engine")
-ARM_KEYS = ("evaluation.adaptation",)  # keys outside those sections an arm may set: the test sets stay the same
+ARM_KEYS = ("evaluation.adaptation", *param_sections())  # keys (and sections) outside those an arm may set:
+# the test sets stay the same
 
 
 class DerivedFacts:
@@ -256,6 +262,7 @@ class Scenario(DerivedFacts):
         if method.server == "pool" and self.evaluation.adaptation != "none":
             p.append(("evaluation.adaptation", "test-time adaptation is not combined with a routed model pool "
                                                f"(continual method {self.continual.method!r}) yet"))
+        p += adaptation_class(self.evaluation).scenario_problems(self)
         p += self._krum_problems()
         if self.augmentation.frequency.enabled and not method.with_frequency_augmentation:
             p.append(("augmentation.frequency.enabled",
@@ -314,7 +321,8 @@ class Scenario(DerivedFacts):
                 p.append((f"arms[{i}].name", f"expected letters, digits, '_', '-', '.' or '+' (not first), since it "
                                              f"names files in the run directory; found {a.name!r}"))
             for key in a.set:
-                if key.split(".")[0] not in ARM_SECTIONS and key not in ARM_KEYS:
+                if key.split(".")[0] not in ARM_SECTIONS and not any(key == k or key.startswith(k + ".")
+                                                                     for k in ARM_KEYS):
                     p.append((f"arms[{i}].set.{key}",
                               f"arms may only change {', '.join(ARM_SECTIONS + ARM_KEYS)} (streams and test sets "
                               f"stay identical across arms)"))
