@@ -176,12 +176,13 @@ def test_plugin_integers_written_as_floats_are_refused_as_floats(workdir, capsys
 
 def test_every_numeric_plugin_parameter_has_an_upper_bound_with_its_reason():
     """Every number of the sections the registries contribute (methods, aggregation rules, server
-    optimisers, unlabelled-data objectives) and of FedDG's augmentation: a registered plug-in cannot
-    arrive without bounds."""
+    optimisers, unlabelled-data objectives, test-time adaptations) and of FedDG's augmentation: a
+    registered plug-in cannot arrive without bounds."""
     import dataclasses
     from typing import get_args, get_type_hints
 
-    from simlab.scenario.schema import AugmentationSpec, FederationSpec
+    from simlab.adaptation.registry import ADAPTATIONS
+    from simlab.scenario.schema import AugmentationSpec, EvaluationSpec, FederationSpec
     from simlab.continual.registry import ContinualSpec
 
     def numbers(cls, path):
@@ -196,7 +197,8 @@ def test_every_numeric_plugin_parameter_has_an_upper_bound_with_its_reason():
 
     sections = [*numbers(ContinualSpec, "continual"), *numbers(AugmentationSpec, "augmentation"),
                 *(n for n in numbers(FederationSpec, "federation")
-                  if n[0].split(".")[1] in ("aggregation", "server_optimizer", "semi_supervised", "proximal_mu"))]
+                  if n[0].split(".")[1] in ("aggregation", "server_optimizer", "semi_supervised", "proximal_mu")),
+                *(n for n in numbers(EvaluationSpec, "evaluation") if n[0].split(".")[1] in ADAPTATIONS)]
     assert len(sections) >= 40
     unbounded = [where for where, meta in sections if not ({"le", "lt"} & set(meta))]
     assert unbounded == []
