@@ -175,13 +175,14 @@ class Federation:
         self.check_inputs()
 
     def domains_read(self) -> dict[str, list[str]]:
-        """Per hospital, the domains whose data it reads: those its windows draw on (when it trains) and
-        those it evaluates (:meth:`evaluation_plan`)."""
+        """Per hospital, the domains whose data it reads: those its windows draw on (its own data, read
+        also where it only tests, e.g. by a test-time adaptation) and those it evaluates
+        (:meth:`evaluation_plan`)."""
         plan, rounds = self.evaluation_plan(), self.sc.federation.rounds
         out = {}
         for h in self.sc.hospitals:
             evaluated = plan.get(h.id, [])
-            drawn = contribution_span(h.drift, rounds) if h.participates else {}
+            drawn = contribution_span(h.drift, rounds)
             out[h.id] = sorted(set(drawn) | set(self.sc.eval_domains if evaluated is None else evaluated))
         return out
 
