@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simlab.fileio import atomic_writer
+from simlab.fileio import atomic_writer, run_path
 
 VERSION = 1
 HOSPITAL_STATE = "hospital-state"  # simulation: the hospitals' saved state inside the run directory
@@ -73,7 +73,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 def checkpoint_path(run_dir: str | Path, arm: str) -> Path:
     """The latest checkpoint of one arm of a run."""
-    return Path(run_dir) / "checkpoints" / f"{arm}.npz"
+    return run_path(run_dir, "checkpoints", f"{arm}.npz")
 
 
 def read_meta(path: str | Path) -> dict | None:
@@ -99,18 +99,17 @@ def flat(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class HospitalStateStore:
-    """One hospital's saved method state: ``<root>/<run key>/<hospital>/round-<t>.npz``."""
+    """One hospital's saved method state: ``<root>/<run key>/<hospital>/round-<t>.npz`` (paths by
+    :func:`simlab.fileio.run_path`, so a run key or hospital id that is not a safe single name is refused)."""
 
     _NAME = re.compile(r"round-(\d+)\.npz")
 
     def __init__(self, root: str | Path, run_key: str, hospital: str):
-        for what, value in (("run key", run_key), ("hospital id", hospital)):
-            if not value or "/" in value or value.startswith("."):
-                raise ValueError(f"{what} {value!r} cannot name a directory")
-        self.dir = Path(root) / run_key / hospital
+        self.root, self.parts = Path(root), (run_key, hospital)
+        self.dir = run_path(self.root, *self.parts)
 
     def path(self, t: int) -> Path:
-        return self.dir / f"round-{t}.npz"
+        return run_path(self.root, *self.parts, f"round-{t}.npz")
 
     def rounds(self) -> list[int]:
         if not self.dir.is_dir():

@@ -20,7 +20,9 @@ Run directory::
 Both engines (simulation, :mod:`simlab.runner`, with either launcher; deployment,
 :mod:`simlab.engine.deploy_run`) go through :func:`run_arms`, so they write the same files the same
 way; ``metrics.jsonl`` and ``rounds.jsonl`` are appended by :class:`simlab.runlog.RunLog` inside the
-ServerApp. Every other file written here is written atomically (:mod:`simlab.fileio`).
+ServerApp. Every other file written here is written atomically (:mod:`simlab.fileio`). Every path
+written into a run directory, here and by the engines, checkpoints, run log and report, is made by
+:func:`simlab.fileio.run_path`, which refuses a name that would leave the directory.
 :func:`read_finished_run` and :func:`read_jsonl` read them back for ``simlab compare`` and
 ``simlab report``.
 
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from simlab.fileio import atomic_write
+from simlab.fileio import atomic_write, run_path
 
 if TYPE_CHECKING:
     from simlab.scenario.schema import LoadedScenario, Scenario
@@ -127,7 +129,7 @@ def make_run_dir(loaded: LoadedScenario, base: Path | None = None) -> Path:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirError(f"{path}: run directory exists and is not empty; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = run_path(path, "write-test")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
@@ -142,13 +144,13 @@ def start_run_dir(loaded: LoadedScenario, engine: dict) -> Path:
     from simlab.scenario.schema import resolved_dict
 
     run_dir = make_run_dir(loaded).resolve()
-    atomic_write(run_dir / "scenario.yaml", yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
+    atomic_write(run_path(run_dir, "scenario.yaml"), yaml.safe_dump(resolved_dict(loaded), sort_keys=False))
     write_run_info(run_dir, {"source": loaded.source, "raw": loaded.raw, **engine})
     return run_dir
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
-    atomic_write(Path(run_dir) / "run.json", json.dumps(info, indent=1))
+    atomic_write(run_path(run_dir, "run.json"), json.dumps(info, indent=1))
 
 
 def read_run_info(run_dir: str | Path) -> dict:
@@ -191,11 +193,11 @@ def arm_status(run_dir: Path, arm: str, sc: Scenario) -> tuple[bool, float]:
 
 
 def mark_failed(run_dir: Path, exc: BaseException) -> None:
-    atomic_write(Path(run_dir) / "FAILED", f"{type(exc).__name__}: {exc}\n")
+    atomic_write(run_path(run_dir, "FAILED"), f"{type(exc).__name__}: {exc}\n")
 
 
 def clear_failed(run_dir: Path) -> None:
-    (Path(run_dir) / "FAILED").unlink(missing_ok=True)
+    run_path(run_dir, "FAILED").unlink(missing_ok=True)
 
 
 def failure(run_dir: Path) -> str | None:
@@ -273,18 +275,18 @@ def write_results(run_dir: Path, loaded: LoadedScenario, wall: dict[str, float])
         res = arm_results(sc, by_arm.get(arm, []))
         summary["arms"][arm] = _arm_summary(sc, res, [c for c in costs if c["arm"] == arm], wall.get(arm, float("nan")))
         for hid, block in [("pooled", res["pooled"]), *res["per_hospital"].items()]:
-            _write_matrix(run_dir / "R" / arm / f"{hid}.csv", block["R"], block["stages"])
+            _write_matrix(run_path(run_dir, "R", arm, f"{hid}.csv"), block["R"], block["stages"])
         for name, block in metric_matrices(res):
-            _write_matrix(run_dir / "R" / arm / name, block["R"], block["stages"])
+            _write_matrix(run_path(run_dir, "R", arm, name), block["R"], block["stages"])
         rounds, M = dice_by_round(by_arm.get(arm, []), [h.id for h in sc.hospitals], sc.eval_domains)
-        out = run_dir / "dice_by_round" / f"{arm}.csv"
+        out = run_path(run_dir, "dice_by_round", f"{arm}.csv")
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["round", *sc.eval_domains])
             for t, row in zip(rounds, M):
                 w.writerow([t, *[f"{v:.6f}" for v in row]])
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False))
+    atomic_write(run_path(run_dir, "summary.json"), json.dumps(summary, indent=2, allow_nan=False))
     return summary
 
 

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from simlab.fileio import run_path
+
 SHARED = "all"
 SERVER = "server"
 POOLED = "pooled"
@@ -37,8 +39,8 @@ class RunLog:
         self.arm = arm
         self.on_round = on_round
         self._lock = threading.Lock()
-        self._metrics = open(self.run_dir / "metrics.jsonl", "ab")
-        self._rounds = open(self.run_dir / "rounds.jsonl", "ab")
+        self._metrics = open(run_path(self.run_dir, "metrics.jsonl"), "ab")
+        self._rounds = open(run_path(self.run_dir, "rounds.jsonl"), "ab")
 
     def metric(self, round_: int, hospital: str, domain: str | None, metric: str, value: float) -> None:
         row = {"arm": self.arm, "round": round_, "hospital": hospital, "domain": domain,

@@ -14,7 +14,7 @@ from simlab.checkpoint import HOSPITAL_STATE
 from simlab.data.streams import DataFactory
 from simlab.rundir import SWEEP_FILE, RunDirError, clear_failed, resume_inputs, run_arms, start_run_dir
 from simlab.runlog import RunLog
-from simlab.fileio import atomic_write
+from simlab.fileio import atomic_write, run_path
 from simlab.scenario.schema import LoadedScenario, Scenario, load_scenario
 
 log = logging.getLogger("simlab")
@@ -77,9 +77,9 @@ def run_scenario(loaded: LoadedScenario, progress=None, resume_dir: Path | None 
             flwr_run.run_arm(arm, sc, run_dir, resume=resume_dir is not None, on_round=on_round)
         else:
             _in_process(arm, sc, run_dir, resume=resume_dir is not None, on_round=on_round)
-        shutil.rmtree(run_dir / HOSPITAL_STATE, ignore_errors=True)
+        shutil.rmtree(run_path(run_dir, HOSPITAL_STATE), ignore_errors=True)
 
-    handler = logging.FileHandler(run_dir / "simlab.log", encoding="utf-8")
+    handler = logging.FileHandler(run_path(run_dir, "simlab.log"), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("simlab", "flwr"):
         logging.getLogger(name).addHandler(handler)
@@ -135,10 +135,10 @@ def run_sweep(path: str, overrides: list[str], seeds: list[int], out: str | None
     elif root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise RunDirError(f"{root}: exists and is not empty; choose another --out")
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write(root / SWEEP_FILE, json.dumps(record, indent=1))
+    atomic_write(run_path(root, SWEEP_FILE), json.dumps(record, indent=1))
     dirs = []
     for s in seeds:
-        run_dir = root / f"seed-{s}"
+        run_dir = run_path(root, f"seed-{s}")
         if (run_dir / "summary.json").is_file():
             log.info("seed %d: finished earlier (%s)", s, run_dir)
         elif (run_dir / "run.json").is_file():

@@ -142,6 +142,71 @@ def test_numbers_past_an_upper_bound_are_refused_with_the_reason(workdir, capsys
         assert fragment in err
 
 
+LOSS_WHY = "<= 10000.0 (the segmentation loss has weight 1: a term 10,000 times heavier leaves nothing of the task"
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("continual.odex.max_members", "1000000000", "<= 64 (every member is a whole model"),
+    ("continual.odex.shift.threshold_factor", "1e9", "<= 1000.0 (normalised scores lie in [0, 1]"),
+    ("continual.ewc.strength", "1e12", "<= 1000000000.0 (three orders of magnitude past λ = 1e6"),
+    ("continual.lwf.temperature", "1e6", "<= 100.0 (softmax(z/T) flattens towards uniform"),
+    ("continual.mib.kd_weight", "1e5", LOSS_WHY),
+    ("continual.plop.scales", "40", "<= 11 (at S = 11 the 2^10 × 2^10 windows"),
+    ("continual.rwalk.eps", "10", "<= 1.0 (ε only keeps ½FΔθ² + ε away from zero"),
+    ("augmentation.frequency.bank_size", "1000000000000", "<= 100000 (a hospital shares at most its window's images"),
+    ("augmentation.frequency_refresh", "100000", "<= 10000 (federation.rounds ≤ 10,000"),
+    ("federation.aggregation.eps", "5", "<= 1.0 (ε only keeps 1/d_k finite"),
+    ("federation.aggregation.max_update_norm", "1e300", "<= 1000000.0 (an update this long comes from a diverged"),
+    ("federation.aggregation.krum.num_malicious_nodes", "100000", "<= 1000 (f > 0 needs 2f + 3 updates per round"),
+    ("federation.server_optimizer.adam.eta", "100", "<= 10.0 (each round moves every weight by up to about η"),
+    ("federation.server_optimizer.adagrad.tau", "5", "<= 1.0 (τ only keeps √v + τ away from zero"),
+    ("federation.semi_supervised.mean_teacher.weight", "1e5", LOSS_WHY),
+    ("federation.proximal_mu", "1e6", LOSS_WHY),
+])
+def test_plugin_parameters_past_an_upper_bound_are_refused_with_the_reason(workdir, capsys, key, value, fragment):
+    err = refused(workdir, capsys, GOOD, "--set", f"{key}={value}")
+    assert err.count(f"scenario.yaml: {key}:") == 1 and f"{key}: expected a value {fragment}" in err
+
+
+@pytest.mark.parametrize("key", ["continual.odex.max_members", "augmentation.frequency.bank_size"])
+def test_plugin_integers_written_as_floats_are_refused_as_floats(workdir, capsys, key):
+    err = refused(workdir, capsys, GOOD, "--set", f"{key}=1e9")
+    assert f"scenario.yaml: {key}: expected an integer, found float 1000000000.0" in err
+
+
+def test_every_numeric_plugin_parameter_has_an_upper_bound_with_its_reason():
+    """Every number of the sections the registries contribute (methods, aggregation rules, server
+    optimisers, unlabelled-data objectives, test-time adaptations) and of FedDG's augmentation: a
+    registered plug-in cannot arrive without bounds."""
+    import dataclasses
+    from typing import get_args, get_type_hints
+
+    from simlab.adaptation.registry import ADAPTATIONS
+    from simlab.scenario.schema import AugmentationSpec, EvaluationSpec, FederationSpec
+    from simlab.continual.registry import ContinualSpec
+
+    def numbers(cls, path):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, where = hints[f.name], f"{path}.{f.name}"
+            kinds = {tp, *get_args(tp)}
+            for sub in (k for k in kinds if dataclasses.is_dataclass(k)):
+                yield from numbers(sub, where)
+            if kinds & {int, float} and bool not in kinds:
+                yield where, f.metadata
+
+    sections = [*numbers(ContinualSpec, "continual"), *numbers(AugmentationSpec, "augmentation"),
+                *(n for n in numbers(FederationSpec, "federation")
+                  if n[0].split(".")[1] in ("aggregation", "server_optimizer", "semi_supervised", "proximal_mu")),
+                *(n for n in numbers(EvaluationSpec, "evaluation") if n[0].split(".")[1] in ADAPTATIONS)]
+    assert len(sections) >= 40
+    unbounded = [where for where, meta in sections if not ({"le", "lt"} & set(meta))]
+    assert unbounded == []
+    without_reason = [where for where, meta in sections
+                      if "why" not in meta and meta.get("le", meta.get("lt")) != 1.0]  # a share, probability or decay
+    assert without_reason == []
+
+
 def test_an_upper_bound_is_stated_in_the_field_help():
     import dataclasses
 

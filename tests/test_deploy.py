@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -658,6 +659,23 @@ def test_wrong_node_config_ends_the_run_with_a_clear_error(deployment):
     assert "finished:failed" in msg and "hospital-id='h9' is not a hospital of this scenario" in msg
     assert "hospital-id='h9'" in (out / "FAILED").read_text()
     assert "could not identify its hospital" in (out / "simlab.log").read_text()
+
+
+@pytest.mark.flower
+def test_a_site_that_cannot_read_its_inputs_ends_the_run_at_identification(deployment):
+    """h3's data-dir exists but cannot hold its generated data (/proc): the hospital's own input check,
+    right after identification, ends the run before round 0, naming the hospital, its node, the node
+    config key and the folder."""
+    _restart_h3(deployment, {"hospital-id": "h3", "data-dir": "/proc"})
+    out = deployment["root"] / "run-bad-site"
+    t0 = time.perf_counter()
+    with pytest.raises(DeploymentError) as err:
+        run_deployment(deployment["scenario"], deployment["dep"], out=str(out), timeout_s=RUN_TIMEOUT)
+    assert time.perf_counter() - t0 < RUN_TIMEOUT and "finished:failed" in str(err.value)
+    log = (out / "simlab.log").read_text()
+    assert re.search(r"hospital h3 \(node \d+\): node config data-dir='/proc' \(this node's data cache\): the "
+                     r"generated-data cache: .*/proc", log), log[-2000:]
+    assert not (out / "rounds.jsonl").read_text().strip()  # not even round 0's evaluation ran
 
 
 @pytest.mark.flower

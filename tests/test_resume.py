@@ -77,8 +77,10 @@ def test_hospital_state_store_saves_loads_and_prunes(tmp_path):
     assert store.rounds() == [2, 4]
     with pytest.raises(CheckpointError, match=r"round-3.npz: this hospital's state after round 3 is missing.*\[2, 4\]"):
         store.load(3)
-    with pytest.raises(ValueError, match="cannot name a directory"):
+    with pytest.raises(ValueError, match=r"'\.\./x' starts with '\.'"):
         HospitalStateStore(tmp_path, "../x", "h1")
+    with pytest.raises(ValueError, match="'a/b' holds a path separator"):
+        HospitalStateStore(tmp_path, "ewc-abc", "a/b")
 
 
 def test_run_log_rewind_drops_rows_after_the_checkpoint(tmp_path):

@@ -49,7 +49,9 @@ from simlab.augment.frequency import amplitude_block
 @dataclass(frozen=True)
 class FdaParams:
     beta: float = field(default=0.03, metadata={
-        "gt": 0.0, "lt": 0.5, "help": "radius of the swapped low-frequency disk as a share of the image side, "
+        "gt": 0.0, "lt": 0.5, "why": "the disk of radius beta·min(H, W) must fit in the centred spectrum: at 0.5 "
+                                     "it covers all of it",
+        "help": "radius of the swapped low-frequency disk as a share of the image side, "
                                       "r = beta·min(H, W) (the paper's Fig. 3: 0.03)"})
     donors: int = field(default=7, metadata={
         "ge": 1, "le": 1024, "why": "one forward pass per donor and image",

@@ -40,10 +40,14 @@ from simlab.aggregation.core import EmptyAggregation, WeightingRule, distances_t
 @dataclass(frozen=True)
 class KrumParams:
     num_malicious_nodes: int = field(default=0, metadata={
-        "ge": 0, "help": "f, the number of Byzantine hospitals tolerated (Flower's num_malicious_nodes); "
+        "ge": 0, "le": 1000, "why": "f > 0 needs 2f + 3 updates per round and Krum compares every pair: f = 1,000 means "
+                                    "2,003 hospitals and two million model distances per round",
+        "help": "f, the number of Byzantine hospitals tolerated (Flower's num_malicious_nodes); "
                          "f > 0 needs at least 2f + 3 accepted updates per aggregation"})
     num_nodes_to_select: int = field(default=1, metadata={
-        "ge": 1, "help": "m, the number of lowest-score models kept and averaged by examples "
+        "ge": 1, "le": 10_000, "why": "m beyond a round's updates keeps them all; 10,000 is more hospitals than a "
+                                      "round of one federation sends",
+        "help": "m, the number of lowest-score models kept and averaged by examples "
                          "(Flower's num_nodes_to_select; 1: Krum, > 1: Multi-Krum)"})
 
 

@@ -51,9 +51,12 @@ AggregationParams = assemble(
             "help": "distances (IDA weights, monitoring) also over normalisation buffers (running mean/var), "
                     "not only trainable parameters"})),
         ("eps", float, field(default=1e-12, metadata={
-            "gt": 0.0, "help": "IDA distance floor ε in 1/max(d_k, ε); all d_k < ε falls back to plain weights"})),
+            "gt": 0.0, "le": 1.0, "why": "ε only keeps 1/d_k finite; an ε as large as the distances between trained "
+                                         "models turns IDA into the plain mean without saying so",
+            "help": "IDA distance floor ε in 1/max(d_k, ε); all d_k < ε falls back to plain weights"})),
         ("max_update_norm", float | None, field(default=None, metadata={
-            "gt": 0.0, "help": "reject a client whose ‖θ_k − θ_global‖₂ exceeds this (None: no limit)"})),
+            "gt": 0.0, "le": 1e6, "why": "an update this long comes from a diverged model; null sets no limit",
+            "help": "reject a client whose ‖θ_k − θ_global‖₂ exceeds this (None: no limit)"})),
     ],
     RULES,
     namespace={"check": _check},

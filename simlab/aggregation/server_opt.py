@@ -70,25 +70,41 @@ class OptState:
         return cls(m, v, int(arrays["step"]) if "step" in arrays else 0)
 
 
+def server_eta(default: float, help: str):
+    """The field of a server learning rate η: > 0 and at most 10, with the reason in the error."""
+    return field(default=default, metadata={
+        "gt": 0.0, "le": 10.0, "why": "each round moves every weight by up to about η (m/(√v + τ) is about ±1): "
+                                      "a larger η throws the model far from anything trained",
+        "help": help})
+
+
+def adaptivity():
+    """The field of the adaptivity τ: > 0 and at most 1, with the reason in the error."""
+    return field(default=1e-3, metadata={
+        "gt": 0.0, "le": 1.0, "why": "τ only keeps √v + τ away from zero; past 1 it outweighs √v of any normal "
+                                     "update and the optimiser is momentum SGD",
+        "help": "adaptivity τ in √v + τ (Flower: 1e-3)"})
+
+
 @dataclass(frozen=True)
 class AdamParams:
-    eta: float = field(default=1e-1, metadata={"gt": 0.0, "help": "server learning rate η (Flower's FedAdam: 0.1)"})
+    eta: float = server_eta(1e-1, "server learning rate η (Flower's FedAdam: 0.1)")
     beta_1: float = field(default=0.9, metadata={"ge": 0.0, "lt": 1.0, "help": "momentum β₁ (Flower: 0.9)"})
     beta_2: float = field(default=0.99, metadata={"ge": 0.0, "lt": 1.0, "help": "second-moment decay β₂ (Flower: 0.99)"})
-    tau: float = field(default=1e-3, metadata={"gt": 0.0, "help": "adaptivity τ in √v + τ (Flower: 1e-3)"})
+    tau: float = adaptivity()
 
 
 @dataclass(frozen=True)
 class YogiParams(AdamParams):
     """FedAdam's parameters with Flower's FedYogi default η."""
 
-    eta: float = field(default=1e-2, metadata={"gt": 0.0, "help": "server learning rate η (Flower's FedYogi: 0.01)"})
+    eta: float = server_eta(1e-2, "server learning rate η (Flower's FedYogi: 0.01)")
 
 
 @dataclass(frozen=True)
 class AdagradParams:
-    eta: float = field(default=1e-1, metadata={"gt": 0.0, "help": "server learning rate η (Flower's FedAdagrad: 0.1)"})
-    tau: float = field(default=1e-3, metadata={"gt": 0.0, "help": "adaptivity τ in √v + τ (Flower: 1e-3)"})
+    eta: float = server_eta(1e-1, "server learning rate η (Flower's FedAdagrad: 0.1)")
+    tau: float = adaptivity()
 
 
 class ServerOptimizer:

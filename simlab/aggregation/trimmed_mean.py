@@ -19,7 +19,7 @@ from simlab.aggregation.core import CoordinateRule
 
 @dataclass(frozen=True)
 class TrimmedMeanParams:
-    beta: float = field(default=0.2, metadata={"ge": 0.0, "lt": 0.5,
+    beta: float = field(default=0.2, metadata={"ge": 0.0, "lt": 0.5, "why": "β is cut at each end: at 0.5 nothing is left",
                                                "help": "share of the values cut at each end, per coordinate"})
 
 

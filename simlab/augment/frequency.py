@@ -85,6 +85,7 @@ class FrequencyParams:
         metadata={
             "ge": 0.0,
             "lt": 0.5,
+            "why": "the (2b+1)² block, b = floor(min(H,W)*alpha), must fit in the spectrum: at 0.5 it covers it all",
             "help": "low-frequency half-width ratio: b = floor(min(H,W)*alpha), block (2b+1)^2 centred on DC",
         },
     )
@@ -104,7 +105,9 @@ class FrequencyParams:
         default=0.5, metadata={"ge": 0.0, "le": 1.0, "help": "share of the samples of a batch that are augmented"}
     )
     bank_size: int = field(
-        default=16, metadata={"ge": 1, "help": "amplitude blocks each hospital shares (at most its image count)"}
+        default=16, metadata={"ge": 1, "le": 100_000,
+                              "why": "a hospital shares at most its window's images (hospitals[].size ≤ 100,000)",
+                              "help": "amplitude blocks each hospital shares (at most its image count)"}
     )
     clamp: bool = field(
         default=False, metadata={"help": "clip each augmented image to its own input [min, max] range"}

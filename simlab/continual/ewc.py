@@ -74,7 +74,10 @@ from simlab.seeding import derive_seed
 class EwcParams:
     """Online EWC with a diagonal per-sample Fisher, kept by each hospital (never shared)."""
 
-    strength: float = field(default=1.0e5, metadata={"ge": 0.0, "help": "λ of the penalty (λ/2)·Σ F_i (θ_i − θ*_i)²"})
+    strength: float = field(default=1.0e5, metadata={
+        "ge": 0.0, "le": 1.0e9, "why": "three orders of magnitude past λ = 1e6, where the penalty already holds the "
+                                       "model at its anchor (docs/results.md, the EWC sweep)",
+        "help": "λ of the penalty (λ/2)·Σ F_i (θ_i − θ*_i)²"})
     decay: float = field(default=0.9, metadata={"ge": 0.0, "le": 1.0,
                                                 "help": "online EWC: F <- decay*F + F_window after each round"})
 

@@ -83,7 +83,9 @@ class FeatureSpec:
     )
     pool_size: int = field(
         default=4,
-        metadata={"ge": 1, "le": 64, "help": "output size per spatial axis for reduction='pooled'"},
+        metadata={"ge": 1, "le": 64, "why": "d = C·pool_size² features: at 64 a 64-channel layer gives 262,144 "
+                                            "features and a d × d covariance no memory holds",
+                  "help": "output size per spatial axis for reduction='pooled'"},
     )
 
     def check(self) -> list[tuple[str, str]]:

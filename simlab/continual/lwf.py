@@ -25,12 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from simlab.continual.method import DistilsReceivedModel
+from simlab.continual.training import loss_weight
 
 
 @dataclass(frozen=True)
 class LwfParams:
-    temperature: float = field(default=2.0, metadata={"gt": 0.0, "help": "softmax temperature T of the distillation"})
-    weight: float = field(default=1.0, metadata={"ge": 0.0, "help": "λ_o: weight of the distillation term"})
+    temperature: float = field(default=2.0, metadata={
+        "gt": 0.0, "le": 100.0, "why": "softmax(z/T) flattens towards uniform as T grows: at T = 100 logits a few units "
+                                       "apart give nearly equal probabilities and almost nothing is distilled",
+        "help": "softmax temperature T of the distillation"})
+    weight: float = loss_weight(1.0, "λ_o: weight of the distillation term")
 
 
 def distillation(logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:

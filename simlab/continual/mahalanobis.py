@@ -68,11 +68,16 @@ class ShiftParams:
     )
     threshold_factor: float = field(
         default=2.0,
-        metadata={"gt": 0.0, "help": "xi = factor x mean normalised in-distribution score"},
+        metadata={"gt": 0.0, "le": 1000.0,
+                  "why": "normalised scores lie in [0, 1], so once xi reaches 1 no window forks; the paper's factor is 2",
+                  "help": "xi = factor x mean normalised in-distribution score"},
     )
     max_factor: float = field(
         default=2.0,
-        metadata={"ge": 1.0, "help": "normaliser upper bound = factor x max in-distribution score"},
+        metadata={"ge": 1.0, "le": 1000.0,
+                  "why": "a normaliser this far above the in-distribution scores squeezes every window's score "
+                         "towards 0; the paper doubles the maximum (2)",
+                  "help": "normaliser upper bound = factor x max in-distribution score"},
     )
     history: Literal["sum", "mean", "min", "last"] = field(
         default="sum",
@@ -80,7 +85,8 @@ class ShiftParams:
     )
     calib_folds: int = field(
         default=5,
-        metadata={"ge": 0, "le": 1000, "help": "k-fold cross-fitted in-distribution scores (0 = in-sample)"},
+        metadata={"ge": 0, "le": 1000, "why": "every fold fits the Gaussian again, so k folds cost k fits per window",
+                  "help": "k-fold cross-fitted in-distribution scores (0 = in-sample)"},
     )
 
     def check(self) -> list[tuple[str, str]]:

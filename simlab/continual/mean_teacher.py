@@ -40,13 +40,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from simlab.continual.training import loss_weight
 from simlab.continual.unlabelled import Term, UnlabelledObjective
 
 
 @dataclass(frozen=True)
 class MeanTeacherParams:
-    weight: float = field(default=0.1, metadata={
-        "ge": 0.0, "help": "w_max: weight of the consistency cost after ramp-up (SSL4MIS's 2D mean teacher: 0.1)"})
+    weight: float = loss_weight(0.1, "w_max: weight of the consistency cost after ramp-up (SSL4MIS's 2D mean "
+                                     "teacher: 0.1)")
     rampup: float = field(default=0.25, metadata={
         "ge": 0.0, "le": 1.0, "help": "share of federation.rounds over which the weight ramps up "
                                       "(sigmoid, Laine & Aila 2017); 0: constant"})

@@ -61,12 +61,13 @@ import torch
 import torch.nn.functional as F
 
 from simlab.continual.method import DistilsReceivedModel
+from simlab.continual.training import loss_weight
 
 
 @dataclass(frozen=True)
 class MibParams:
-    kd_weight: float = field(default=10.0, metadata={
-        "ge": 0.0, "help": "λ_kd: weight of the (unbiased) distillation of the received model's predictions"})
+    kd_weight: float = loss_weight(10.0, "λ_kd: weight of the (unbiased) distillation of the received model's "
+                                         "predictions")
 
 
 def unbiased_ce(logits: torch.Tensor, labels: torch.Tensor, num_old: int, annotated: Collection[int]) -> torch.Tensor:

@@ -88,7 +88,10 @@ class OdexParams:
                                             "paper's ablations) or the hospital's last member"})
     fork_history: Literal["fresh", "inherit"] = field(
         default="fresh", metadata={"help": "a fork's history starts fresh, or copies its parent's first"})
-    max_members: int = field(default=6, metadata={"ge": 1, "help": "pool size cap"})
+    max_members: int = field(default=6, metadata={
+        "ge": 1, "le": 64, "why": "every member is a whole model: the server keeps each, writes each to every "
+                                  "checkpoint and sends each to the hospitals that evaluate the routed pool",
+        "help": "pool size cap"})
     merge_forks: bool = field(default=True, metadata={"help": "merge same-round forks whose statistics agree"})
     dice_drop: float = field(default=0.10, metadata={"gt": 0.0, "lt": 1.0,
                                                      "help": "DiceEx: relative Dice drop that forks"})

@@ -57,14 +57,18 @@ import torch.nn.functional as F
 from monai.networks.layers.simplelayers import SkipConnection
 
 from simlab.continual.method import DistilsReceivedModel
+from simlab.continual.training import loss_weight
 
 MIN_THRESHOLD = 0.001  # PLOP's floor for the per-class entropy threshold
 
 
 @dataclass(frozen=True)
 class PlopParams:
-    pod_weight: float = field(default=0.01, metadata={"ge": 0.0, "help": "λ_pod: weight of the local POD distillation"})
-    scales: int = field(default=3, metadata={"ge": 1, "help": "S: local POD at 1, 2×2, … 2^(S-1)×2^(S-1) windows"})
+    pod_weight: float = loss_weight(0.01, "λ_pod: weight of the local POD distillation")
+    scales: int = field(default=3, metadata={
+        "ge": 1, "le": 11, "why": "at S = 11 the 2^10 × 2^10 windows of the largest image (data.image_size ≤ 1024) "
+                                  "are 1 px wide",
+        "help": "S: local POD at 1, 2×2, … 2^(S-1)×2^(S-1) windows"})
     pseudo_labels: bool = field(default=True, metadata={
         "help": "also train on the window's unlabelled images, labelled by the received model where confident"})
 

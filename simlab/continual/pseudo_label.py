@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from simlab.continual.training import loss_weight
 from simlab.continual.unlabelled import Term, UnlabelledObjective
 
 
@@ -43,7 +44,7 @@ from simlab.continual.unlabelled import Term, UnlabelledObjective
 class PseudoLabelParams:
     threshold: float = field(default=0.95, metadata={
         "gt": 0.0, "le": 1.0, "help": "τ: a pixel is pseudo-labelled where the labeller's max softmax ≥ τ (FixMatch: 0.95)"})
-    weight: float = field(default=1.0, metadata={"ge": 0.0, "help": "w (FixMatch's λ_u): weight of the pseudo-label loss"})
+    weight: float = loss_weight(1.0, "w (FixMatch's λ_u): weight of the pseudo-label loss")
     rampup: float = field(default=0.0, metadata={
         "ge": 0.0, "le": 1.0, "help": "share of federation.rounds over which the weight ramps up (0: constant)"})
     labeller: Literal["current", "received"] = field(default="current", metadata={

@@ -49,14 +49,18 @@ import numpy as np
 import torch
 
 from simlab.continual.method import Method
+from simlab.continual.training import loss_weight
 
 
 @dataclass(frozen=True)
 class RwalkParams:
-    strength: float = field(default=0.4, metadata={"ge": 0.0, "help": "λ of the penalty λ·Σ (F_i + s_i)(θ_i − θ*_i)²"})
+    strength: float = loss_weight(0.4, "λ of the penalty λ·Σ (F_i + s_i)(θ_i − θ*_i)² (F and s normalised to [0, 1])")
     alpha: float = field(default=0.9, metadata={"gt": 0.0, "le": 1.0,
                                                 "help": "EWC++: F <- alpha*g² + (1-alpha)*F after every step"})
-    eps: float = field(default=1.0e-8, metadata={"gt": 0.0, "help": "ε in the score's denominator ½FΔθ² + ε"})
+    eps: float = field(default=1.0e-8, metadata={
+        "gt": 0.0, "le": 1.0, "why": "ε only keeps ½FΔθ² + ε away from zero; at 1 it outweighs ½FΔθ² of any normal "
+                                     "step and flattens every score",
+        "help": "ε in the score's denominator ½FΔθ² + ε"})
 
 
 def ewcpp_update(fisher: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:

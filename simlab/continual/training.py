@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field
 
 import numpy as np
 import torch
 
 from simlab.models.unet import build_loss
+
+
+MAX_LOSS_WEIGHT = 1e4
+LOSS_WEIGHT_WHY = "the segmentation loss has weight 1: a term 10,000 times heavier leaves nothing of the task to learn"
+
+
+def loss_weight(default: float, help: str) -> Field:
+    """The field of a loss term's weight (a method's penalty or distillation, an unlabelled-data objective,
+    FedProx's μ): ≥ 0 and at most :data:`MAX_LOSS_WEIGHT`, with the reason in the error."""
+    return field(default=default, metadata={"ge": 0.0, "le": MAX_LOSS_WEIGHT, "why": LOSS_WEIGHT_WHY, "help": help})
 
 
 @dataclass(frozen=True)

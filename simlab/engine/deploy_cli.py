@@ -224,11 +224,15 @@ def main(argv: list[str] | None = None, prog: str = "tools/deploy") -> int:
         _parser(prog).print_help()
         return 2
     from simlab.config import ScenarioError
+    from simlab.rundir import RunDirError
 
     try:
         return COMMANDS[args.command](args)
     except ScenarioError as exc:
         print(f"invalid scenario\n{exc}", file=sys.stderr)
+        return 2
+    except RunDirError as exc:  # --out that cannot be created, a run directory that cannot be resumed
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except DeploymentError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from simlab.engine.deployment import Deployment
 from simlab.engine.flwr_config import COMPLETED, CONNECTION, FINISHED, DeploymentError
 from simlab.engine.pki import Pki, add_node_keys
 from simlab.engine.procs import free_ports
+from simlab.fileio import run_path
 from simlab.rundir import clear_failed, read_run_info, resume_inputs, run_arms, start_run_dir, write_run_info
 
 
@@ -95,6 +96,8 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
     """Run every arm of a scenario on a running deployment (one Flower run per arm, in order) and write
     the run directory as ``simlab run`` does. Must run on the SuperLink's machine: the ServerApp writes
     into the run directory and reads the scenario file by the absolute paths given in the run config.
+    The scenario and the run directory are checked here; each hospital's data is at its site, and each
+    checks its own when the ServerApp identifies it (:meth:`Federation.check_inputs`), before round 0.
 
     ``resume_dir``: continue that run after its ServerApp died (``simlab run --resume``): the scenario
     path (``scenario`` is ignored), overrides and seed come from its run.json, completed arms are kept,
@@ -123,7 +126,7 @@ def run_deployment(scenario: str | Path | None, dep: Deployment, *, overrides: l
                              "overrides": json.dumps(server_overrides), "resume": resume_dir is not None}, app_dir)
         info["flower_runs"] = {**info.get("flower_runs", {}), arm: run_id}
         write_run_info(run_dir, info)
-        log_path = run_dir / f"flower-{arm}.log"
+        log_path = run_path(run_dir, f"flower-{arm}.log")
         try:  # one `flwr log --stream` for the whole run, not a `flwr ls` (2 s of CPU) every 2 s
             st = dep.follow(run_id, log_path, timeout_s or default_timeout(sc))
         finally:

@@ -34,6 +34,7 @@ from pathlib import Path
 from simlab.checkpoint import HOSPITAL_STATE
 from simlab.engine.deploy_run import default_timeout, raise_unless_completed
 from simlab.engine.deployment import Deployment
+from simlab.fileio import run_path
 from simlab.runlog import last_round_logged
 from simlab.scenario.schema import Scenario
 
@@ -100,7 +101,7 @@ class FlwrRunSimulation:
         self.start()
         run_dir = Path(run_dir).resolve()
         run_config = {"arm": arm, "run-dir": str(run_dir), "resume": resume,
-                      "hospital-state-dir": str(run_dir / HOSPITAL_STATE)}
+                      "hospital-state-dir": str(run_path(run_dir, HOSPITAL_STATE))}
         run_id = self.dep.submit(run_config, federation_config=federation_config(scenario))
         seen: list[int] = []
 
@@ -110,6 +111,6 @@ class FlwrRunSimulation:
                 seen.append(t)
                 on_round(t)
 
-        log_path = run_dir / f"flower-{arm}.log"
+        log_path = run_path(run_dir, f"flower-{arm}.log")
         st = self.dep.follow(run_id, log_path, timeout_s or default_timeout(scenario), on_poll=progress)
         raise_unless_completed(arm, run_id, st, log_path)

@@ -28,6 +28,7 @@ import torch
 from simlab.checkpoint import HOSPITAL_STATE
 from simlab.engine.ray_session import shared_ray
 from simlab.federated.client_app import app as client_app
+from simlab.fileio import run_path
 from simlab.federated.server_app import make_server_app
 from simlab.runlog import RunLog
 from simlab.scenario.schema import Scenario
@@ -96,7 +97,7 @@ def simulate(scenario: Scenario, runlog: RunLog, *, resume: bool = False) -> Non
     with shared_ray(init_args):
         run_simulation(
             server_app=make_server_app(scenario, runlog, resume=resume,
-                                       hospital_state_dir=str((runlog.run_dir / HOSPITAL_STATE).resolve())),
+                                       hospital_state_dir=str(run_path(runlog.run_dir, HOSPITAL_STATE).resolve())),
             client_app=client_app,
             num_supernodes=len(scenario.hospitals),
             backend_config={"client_resources": resources, "init_args": init_args},

@@ -21,7 +21,8 @@ from simlab.checkpoint import HospitalStateStore
 from simlab.federated import codec
 from simlab.federated.codec import from_array_record, to_array_record
 from simlab.hospital import Hospital
-from simlab.scenario.task import task_from_json
+from simlab.scenario.inputs import site_input_problems
+from simlab.scenario.task import HospitalTask, task_from_json
 
 app = ClientApp()
 
@@ -79,20 +80,28 @@ def with_data_dir(task: dict, data_dir: str) -> dict:
     return {**task, "data": data}
 
 
+def _node_task(task: str, data_dir: str | None) -> HospitalTask:
+    """The task of a message as this node runs it: with the node's ``data-dir`` (None: as sent)."""
+    plain = json.loads(task)
+    return task_from_json(json.dumps(with_data_dir(plain, data_dir) if data_dir else plain))
+
+
 @lru_cache(maxsize=8)
 def _hospital(task: str, data_dir: str | None = None) -> Hospital:
-    plain = json.loads(task)
-    return Hospital(task_from_json(json.dumps(with_data_dir(plain, data_dir) if data_dir else plain)))
+    return Hospital(_node_task(task, data_dir))
+
+
+def _own_task(node_config, hospital_id: str) -> None:
+    """A deployment node (``hospital-id`` in its node config) refuses a task meant for another hospital."""
+    if "hospital-id" in node_config and str(node_config["hospital-id"]) != hospital_id:
+        raise ValueError(f"this node is hospital {str(node_config['hospital-id'])!r} but was sent the task of "
+                         f"{hospital_id!r}")
 
 
 def _node_hospital(task: str, context: Context) -> Hospital:
-    """The message's task as this node runs it: with the node's ``data-dir``; a deployment node
-    (``hospital-id`` in its node config) refuses a task meant for another hospital."""
-    node = context.node_config
-    hospital = _hospital(task, node_data_dir(node))
-    if "hospital-id" in node and str(node["hospital-id"]) != hospital.id:
-        raise ValueError(f"this node is hospital {str(node['hospital-id'])!r} but was sent the task of "
-                         f"{hospital.id!r}")
+    """The message's task as this node runs it (:func:`_node_task`), for this node's hospital only."""
+    hospital = _hospital(task, node_data_dir(context.node_config))
+    _own_task(context.node_config, hospital.id)
     return hospital
 
 
@@ -139,6 +148,23 @@ def identify(msg: Message, context: Context) -> Message:
     node_data_dir(context.node_config)  # a wrong data-dir stops the run here, not round by round
     _state_store(req.state, context, hid)  # so does a missing state-dir
     return _reply(msg, codec.IdentifyReply(hid))
+
+
+@app.query("inputs")
+def check_inputs(msg: Message, context: Context) -> Message:
+    """After identification: the inputs this hospital will read, checked where they are (the NIfTI
+    datasets of the domains the server names, with this node's ``data-dir``; its data cache). The
+    problems go back to the server, which stops the run before round 0 naming this hospital and node."""
+    req = codec.decode_check_inputs(msg.content)
+    data_dir = node_data_dir(context.node_config)
+    task = _node_task(req.task, data_dir)
+    _own_task(context.node_config, task.hospital.id)
+    cache_key = f"node config data-dir={data_dir!r} (this node's data cache)" if data_dir else None
+    problems = site_input_problems(task, req.domains, cache_key if task.data.source != "nifti" else None)
+    if data_dir:  # a dataset not found under data-dir keeps the server's path: say where this node looked
+        problems = [(key, f"{why} (this node's data-dir: {data_dir})" if key.startswith("data.datasets.") else why)
+                    for key, why in problems]
+    return _reply(msg, codec.InputsReply(problems))
 
 
 @app.query("bank")

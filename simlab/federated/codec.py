@@ -8,8 +8,9 @@ Every message between the server and a hospital is one of the typed requests and
 ``fb.`` is the prefix of an entry's first-block arrays, which never travel up: the server adds the
 first block it sent.
 
-Message kinds (Flower message types): ``query`` identify, ``query.bank`` FedDG amplitudes,
-``query.dice`` DiceEx's window Dice, ``train``, ``evaluate``.
+Message kinds (Flower message types): ``query`` identify, ``query.inputs`` a hospital's check of its
+own inputs (after identification), ``query.bank`` FedDG amplitudes, ``query.dice`` DiceEx's window
+Dice, ``train``, ``evaluate``.
 
 A model or history sent to many hospitals in one broadcast is converted once: pass the same
 :class:`Encoder` to every :func:`encode` of the broadcast.
@@ -28,6 +29,7 @@ from simlab.continual.odex import Entry
 State = dict[str, np.ndarray]
 
 IDENTIFY, BANK, DICE = MessageType.QUERY, f"{MessageType.QUERY}.bank", f"{MessageType.QUERY}.dice"
+INPUTS = f"{MessageType.QUERY}.inputs"
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 
 FIRST_BLOCK = "fb."
@@ -185,6 +187,15 @@ class Identify:
 
 
 @dataclass
+class CheckInputs:
+    """``query.inputs``: the hospital's task and the domains whose data it will read (its stream's and
+    those it evaluates), sent once it is identified, so that it checks its own inputs before round 0."""
+
+    task: str
+    domains: list[str]
+
+
+@dataclass
 class Query:
     """``query.bank`` (FedDG amplitudes of round t's window) or ``query.dice`` (DiceEx: the Dice of
     ``model`` on round t's window)."""
@@ -227,6 +238,11 @@ class IdentifyReply:
 
 
 @dataclass
+class InputsReply:
+    problems: list[tuple[str, str]]  # (key, message naming the file); empty: every input can be read
+
+
+@dataclass
 class BankReply:
     blocks: np.ndarray
 
@@ -261,6 +277,10 @@ def encode(msg, enc: Encoder | None = None) -> RecordDict:
         return RecordDict({"config": ConfigRecord({"hospital-ids": list(msg.hospital_ids), **msg.state})})
     if isinstance(msg, IdentifyReply):
         return RecordDict({"config": ConfigRecord({"hospital-id": msg.hospital_id})})
+    if isinstance(msg, CheckInputs):
+        return RecordDict({"config": ConfigRecord({"task": msg.task, "domains": json.dumps(list(msg.domains))})})
+    if isinstance(msg, InputsReply):
+        return RecordDict({"config": ConfigRecord({"problems": json.dumps([list(p) for p in msg.problems])})})
     if isinstance(msg, Query):
         content = RecordDict({"config": ConfigRecord({"round": msg.round, "task": msg.task})})
         if msg.model is not None:
@@ -344,6 +364,15 @@ def broadcast_nbytes(msg: Train | Evaluate) -> int:
 def decode_identify(content: RecordDict) -> Identify:
     cfg = content["config"]
     return Identify([str(h) for h in cfg["hospital-ids"]], {k: cfg[k] for k in cfg if k != "hospital-ids"})
+
+
+def decode_check_inputs(content: RecordDict) -> CheckInputs:
+    cfg = content["config"]
+    return CheckInputs(str(cfg["task"]), [str(d) for d in json.loads(str(cfg["domains"]))])
+
+
+def decode_inputs_reply(content: RecordDict) -> list[tuple[str, str]]:
+    return [(str(key), str(msg)) for key, msg in json.loads(str(content["config"]["problems"]))]
 
 
 def decode_query(content: RecordDict) -> Query:

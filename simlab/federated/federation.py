@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from simlab import interrupt
 from simlab.checkpoint import CheckpointError, checkpoint_path, flat, load_checkpoint, nest, save_checkpoint
 from simlab.continual.registry import method_class
-from simlab.data.drift import true_domains
+from simlab.data.drift import contribution_span, true_domains
 from simlab.adaptation.registry import adaptation_class
 from simlab.aggregation import EmptyAggregation, OptState, aggregate, make_server_optimizer
 from simlab.federated import codec
@@ -155,6 +155,8 @@ class Federation:
         return dict(sorted(out.items(), key=lambda kv: self.ids.index(kv[0])))
 
     def identify(self) -> None:
+        """Which node is which hospital (every node answers with the hospital its node config names),
+        then every hospital checks its own inputs (:meth:`check_inputs`)."""
         nodes = wait_for_nodes(self.grid, len(self.ids), self.sc.federation.connect_timeout_s)
         ask = codec.encode(codec.Identify(self.ids, self.state_config()))
         msgs = [Message(ask, dst_node_id=n, message_type=codec.IDENTIFY) for n in nodes]
@@ -170,6 +172,40 @@ class Federation:
         missing = [h for h in self.ids if h not in self.node_of]
         if missing:
             raise FederationError(f"no node answered for hospital(s) {', '.join(missing)}")
+        self.check_inputs()
+
+    def domains_read(self) -> dict[str, list[str]]:
+        """Per hospital, the domains whose data it reads: those its windows draw on (its own data, read
+        also where it only tests, e.g. by a test-time adaptation) and those it evaluates
+        (:meth:`evaluation_plan`)."""
+        plan, rounds = self.evaluation_plan(), self.sc.federation.rounds
+        out = {}
+        for h in self.sc.hospitals:
+            evaluated = plan.get(h.id, [])
+            drawn = contribution_span(h.drift, rounds)
+            out[h.id] = sorted(set(drawn) | set(self.sc.eval_domains if evaluated is None else evaluated))
+        return out
+
+    def check_inputs(self) -> None:
+        """Each identified hospital checks the inputs it will read, where they are (its NIfTI datasets with
+        its node's data directory, its data cache; :func:`simlab.scenario.inputs.site_input_problems`),
+        before round 0: in a deployment the server cannot see them. One :class:`FederationError` lists
+        every problem, each naming the hospital, its node, the key and the file."""
+        domains = self.domains_read()
+        replies = self._send(codec.INPUTS, self.ids, {h: codec.CheckInputs(self.parts[h], domains[h]) for h in self.ids})
+        problems = []
+        for h in self.ids:
+            where, reply = f"hospital {h} (node {self.node_of[h]})", replies.get(h)
+            if reply is None:
+                problems.append(f"{where}: no answer to the input check within {self.timeout:.0f} s "
+                                f"(federation.round_timeout_s)")
+            elif reply.has_error():
+                problems.append(f"{where}: the input check failed: {reply.error.reason}")
+            else:
+                problems += [f"{where}: {key}: {msg}" for key, msg in codec.decode_inputs_reply(reply.content)]
+        if problems:
+            raise FederationError("inputs that a hospital cannot read stop the run before round 0:\n  "
+                                  + "\n  ".join(problems))
 
     def state_config(self, h: str | None = None) -> dict:
         """Where and under which key a hospital saves its method state, and (per hospital) which

@@ -42,6 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from simlab.federated.client_app import app as client_app
 from simlab.federated.object_pulls import quick_object_pulls
 from simlab.federated.server_app import make_server_app
+from simlab.fileio import run_path
 from simlab.rundir import RunDirError, resume_inputs
 from simlab.runlog import RunLog
 from simlab.scenario.schema import LoadedScenario, Scenario, load_scenario
@@ -114,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
     quick_object_pulls(sys.modules[type(grid).__module__])  # the grid waits for the hospitals' replies
     scenario, arm, run_dir = scenario_from_run_config(dict(context.run_config))
     state_dir = hospital_state_dir(dict(context.run_config))
-    handler = logging.FileHandler(run_dir / "simlab.log", encoding="utf-8")
+    handler = logging.FileHandler(run_path(run_dir, "simlab.log"), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     simlab_log = logging.getLogger("simlab")
     simlab_log.addHandler(handler)

@@ -25,7 +25,7 @@ from typing import Any
 
 from simlab.compare import final_pool_sizes
 from simlab.data.drift import describe
-from simlab.fileio import atomic_write
+from simlab.fileio import atomic_write, run_path
 from simlab.metrics.registry import HEADLINE, REGISTRY
 from simlab.report.story import what_happened
 from simlab.rundir import RunDirError, read_finished_run, reference_label
@@ -34,6 +34,8 @@ from simlab.runlog import SHARED
 __all__ = ["ReportError", "write_report"]
 
 FAILURE_METRICS = ("train_failed", "eval_failed", "update_rejected")
+REPORT = "report"
+"""The report's folder in the run directory: ``index.html`` and the figures' PNGs."""
 
 
 class ReportError(RuntimeError):
@@ -130,8 +132,8 @@ dl{font-size:14px} dt{font-weight:600;margin-top:6px} dd{margin-left:18px}
 
 
 class _Page:
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.parts: list[str] = []
         self.nav: list[tuple[str, str]] = []
         self.pngs: list[Path] = []
@@ -147,7 +149,7 @@ class _Page:
         from simlab.report.plots import png_bytes
 
         data = png_bytes(fig)
-        path = self.out_dir / f"{name}.png"
+        path = run_path(self.run_dir, REPORT, f"{name}.png")
         path.write_bytes(data)
         self.pngs.append(path)
         b64 = base64.b64encode(data).decode("ascii")
@@ -447,9 +449,8 @@ def write_report(run_dir: Path) -> Path:
     """Write ``run_dir/report/index.html`` (figures embedded) and the PNGs beside it; return the HTML path."""
     run_dir = Path(run_dir)
     run = RunData(run_dir)
-    out_dir = run_dir / "report"
-    out_dir.mkdir(exist_ok=True)
-    page = _Page(out_dir)
+    run_path(run_dir, REPORT).mkdir(exist_ok=True)
+    page = _Page(run_dir)
     _summary_section(page, run)
     _scenario_section(page, run)
     _matrix_section(page, run)
@@ -471,6 +472,6 @@ def write_report(run_dir: Path) -> Path:
            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
            f"<title>simlab report: {_e(name)}</title><style>{CSS}</style></head>"
            f"<body><main>{head}{''.join(page.parts)}</main></body></html>\n")
-    out = out_dir / "index.html"
+    out = run_path(run_dir, REPORT, "index.html")
     atomic_write(out, doc)
     return out

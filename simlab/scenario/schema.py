@@ -16,6 +16,7 @@ from simlab.adaptation.registry import ADAPTATIONS, adaptation_class, adaptation
 from simlab.augment.frequency import FrequencyParams
 from simlab.continual.registry import ContinualSpec, method_class
 from simlab.continual.semi_supervised import SemiSupervisedSpec
+from simlab.continual.training import loss_weight
 from simlab.data.specs import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataSpec, DomainSpec, HospitalSpec, num_classes_of
 from simlab.models.unet import ModelSpec
 from simlab.aggregation import AggregationParams, ServerOptimizerParams
@@ -44,10 +45,8 @@ class FederationSpec:
     server_optimizer: ServerOptimizerParams = field(
         default_factory=ServerOptimizerParams, metadata={"help": "FedOpt (Reddi et al. 2021): the aggregate is a "
                                                                  "pseudo-gradient for a server optimiser (none: it is the new model)"})
-    proximal_mu: float = field(
-        default=0.0, metadata={"ge": 0.0, "help": "FedProx (Li et al. 2020): (mu/2)·‖w − w_t‖² added to the local loss, "
-                                                  "w_t the model received this round (0: off; the paper tries "
-                                                  "0.001, 0.01, 0.1, 1)"})
+    proximal_mu: float = loss_weight(0.0, "FedProx (Li et al. 2020): (mu/2)·‖w − w_t‖² added to the local loss, w_t the "
+                                          "model received this round (0: off; the paper tries 0.001, 0.01, 0.1, 1)")
     semi_supervised: SemiSupervisedSpec = field(
         default_factory=SemiSupervisedSpec, metadata={"help": "unlabelled images in local training, with any continual "
                                                               "method: mean teacher or pseudo-labels (none: off)"})
@@ -68,7 +67,9 @@ class AugmentationSpec:
     flip: bool = field(default=False, metadata={"help": "random left-right flips during local training"})
     frequency: FrequencyParams = field(default_factory=FrequencyParams)
     frequency_refresh: int | None = field(
-        default=None, metadata={"ge": 1, "help": "re-share amplitude blocks every k rounds (default: once, "
+        default=None, metadata={"ge": 1, "le": 10_000, "why": "federation.rounds ≤ 10,000: a longer period never "
+                                                              "re-shares",
+                                "help": "re-share amplitude blocks every k rounds (default: once, "
                                                  "from each hospital's first window)"})
 
 
