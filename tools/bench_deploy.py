@@ -18,9 +18,10 @@ Deployment sides (``--sides``, comma-separated; each brought up once, its runs r
 
 The ServerApp's grid and the warm worker always use simlab's quick back-off
 (:mod:`simlab.federated.object_pulls`). For each side the table also gives the CPU seconds per round
-of each kind of process (from /proc: the SuperLink with its ServerApp, the SuperNodes, their ClientApp
-workers or processes, and the ``flwr`` commands this script runs), and the CPU they burn per second
-when the deployment is idle (polling), over ``--idle`` seconds before the first run.
+of each kind of process (from /proc: the SuperLink; the ServerApp with the ``flower-superexec`` that
+launches it; the SuperNodes; their ClientApp workers or processes; the ``flwr`` commands this script
+runs), and the CPU they burn per second when the deployment is idle (polling), over ``--idle`` seconds
+before the first run.
 
     tools/bench_deploy.py [--hospitals 3] [--rounds 4] [--image-size 32] [--method odex] [--reps 3]
                           [--sides warm,warm-3s] [--poll-interval 0.2]
@@ -90,7 +91,7 @@ def simulate(path: Path, out: Path) -> tuple[float, float]:
 SIDES = {"warm": ("warm", "poll"), "warm-3s": ("warm", None), "flower": ("flower", None)}
 
 
-ROLES = {"flower-superlink": "superlink", "flower-superexec": "superlink", "flwr-serverapp": "superlink",
+ROLES = {"flower-superlink": "superlink", "flower-superexec": "serverapp", "flwr-serverapp": "serverapp",
          "simlab.engine.supernode": "supernode", "simlab.engine.clientapp_worker": "clientapp",
          "flwr-clientapp": "clientapp"}
 
@@ -104,7 +105,7 @@ def cpu_by_role(dep) -> dict[str, float]:
     from simlab.engine.procs import children_map, descendants
 
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"superlink": 0.0, "supernode": 0.0, "clientapp": 0.0}
+    out = {"superlink": 0.0, "serverapp": 0.0, "supernode": 0.0, "clientapp": 0.0}
     children = children_map()
     for rec in dep.records:
         if not rec.alive():
@@ -201,13 +202,13 @@ def main() -> int:
     for side, (up_s, runs, _, _) in results.items():
         rnd, arm = statistics.median(r for r, _ in runs), statistics.median(a for _, a in runs)
         print(f"{side:10s} {up_s:10.1f} {rnd:9.2f} {arm:8.1f} {rnd / sim_round:12.2f} {arm / sim_arm:10.2f}")
-    roles = ["superlink", "supernode", "clientapp", "cli"]
+    roles = ["superlink", "serverapp", "supernode", "clientapp", "cli"]
     print(f"\nCPU seconds per round (round 0 included; median over repetitions) | CPU s per s when idle")
     print(f"{'side':10s} " + " ".join(f"{r:>9s}" for r in roles) + f" {'total':>7s} | "
-          + " ".join(f"{r:>9s}" for r in roles[:3]))
+          + " ".join(f"{r:>9s}" for r in roles[:4]))
     for side, (_, _, cpu, idle) in results.items():
         print(f"{side:10s} " + " ".join(f"{cpu.get(r, 0):9.2f}" for r in roles) + f" {sum(cpu.values()):7.2f} | "
-              + " ".join(f"{idle.get(r, 0):9.3f}" for r in roles[:3]))
+              + " ".join(f"{idle.get(r, 0):9.3f}" for r in roles[:4]))
     print(load_line(before))
     print(f"run directories: {root}")
     return 0
