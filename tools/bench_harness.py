@@ -101,8 +101,12 @@ def through_flower(sc, run_dir: Path) -> dict[str, float]:
     """One arm through the simulation engine: ``total``, ``loop`` (the rounds' wall time from
     rounds.jsonl), ``startup`` (the rest), the loop's split (:func:`bench_probes.round_split`) and
     the CPU seconds of the driver, the Ray workers and Ray's other processes over the whole run."""
+    from simlab.engine import ray_session
     from simlab.engine.simulation import simulate
 
+    # Each repetition is one whole `simlab run` of one arm: Ray and its actors start afresh (the actors
+    # a process keeps between arms would also keep the previous run's trace directory and profiling flag).
+    ray_session.shutdown()
     run_dir.mkdir(parents=True)
     trace_dir, ledger = run_dir / "trace", []
     enable_worker_trace(trace_dir)
