@@ -23,12 +23,13 @@ from three probes of that process (``tools/bench_probes.py``):
 * memory: the peak RSS of the driver (the ServerApp runs in it), of each Ray worker and of Ray's
   own processes, and the peak PSS of the whole process tree, sampled from /proc every 0.2 s.
 
-Printed: one row per configuration (means over rounds 1..T), the growth factors 16/4 and 64/16,
+Printed: one row per configuration (means over rounds 1..T; with ``--reps N`` every configuration
+runs N times, one after the other in turn, and each figure is the median over the N), the growth factors 16/4 and 64/16,
 ODEx bytes / sequential bytes at each H with the messages that make the difference, and the
 acceptance checks (time and bytes at most linear in the sampled hospitals, ODEx bytes <= 1.5 x
 sequential at the largest H, driver memory not growing with hospitals × model).
 
-    tools/bench_scale.py [--hospitals 4,16,64] [--sampled 8] [--rounds 4] [--arms sequential,odex]
+    tools/bench_scale.py [--hospitals 4,16,64] [--sampled 8] [--rounds 4] [--arms sequential,odex] [--reps 1]
 """
 
 from __future__ import annotations
@@ -271,12 +272,26 @@ def run_configs(args, hs: list[int]) -> tuple[dict, dict]:
         print(f"data for {max(hs)} hospitals generated in {time.perf_counter() - t0:.1f} s")
         configs = [(arm, h, k) for h in hs for k in sorted({h, min(args.sampled, h)}, reverse=True)
                    for arm in args.arms]
-        for arm, h, k in configs:
-            t0 = time.perf_counter()
-            raw[f"{arm}-{h}-{k}"] = run_one(args, Path(tmp), arm, h, k)
-            results[(arm, h, k)] = summarise(raw[f"{arm}-{h}-{k}"])
-            print(f"{arm} H={h} sampled={k}: {time.perf_counter() - t0:.1f} s", flush=True)
+        reps: dict[tuple, list[dict]] = {c: [] for c in configs}
+        for rep in range(args.reps):  # every configuration once per repetition: load drifts hit all alike
+            for arm, h, k in configs:
+                t0 = time.perf_counter()
+                name = f"{arm}-{h}-{k}" + (f"-rep{rep + 1}" if args.reps > 1 else "")
+                raw[name] = run_one(args, Path(tmp), arm, h, k)
+                reps[(arm, h, k)].append(summarise(raw[name]))
+                print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        results = {c: median_of(rs) for c, rs in reps.items()}
     return results, raw
+
+
+def median_of(summaries: list[dict]):
+    """Field by field median of a configuration's repetitions (bytes are the same in every one)."""
+    first = summaries[0]
+    if isinstance(first, dict):
+        return {key: median_of([s[key] for s in summaries]) for key in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(summaries)
+    return first
 
 
 def main() -> int:
@@ -289,6 +304,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--test-size", type=int, default=8)
     p.add_argument("--arms", default="sequential,odex")
+    p.add_argument("--reps", type=int, default=1, help="repetitions of every configuration; the table gives medians")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--trace", help=argparse.SUPPRESS)
