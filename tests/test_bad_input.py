@@ -134,6 +134,9 @@ def test_no_image_size_fits_a_network_too_deep_for_the_largest(workdir, capsys):
     (with_("seed: " + "9" * 30), "seed", ["(torch seeds are 64-bit integers)"]),
     (with_("federation: {rounds: 2, batch_size: 10000000}"), "federation.batch_size", ["<= 65536"]),
     (with_("model: {channels: [16, 1000000]}"), "model.channels", ["between 1 and 4096"]),
+    (with_("evaluation: {every: 100000000000000}"), "evaluation.every", ["<= 10000 (federation.rounds ≤ 10,000"]),
+    (with_("engine: {cpus_per_client: 1e300}"), "engine.cpus_per_client", ["<= 1024.0 (Ray places each virtual"]),
+    (with_("federation: {rounds: 2, min_replies: 1000000000}"), "federation.min_replies", ["<= 100000"]),
 ])
 def test_numbers_past_an_upper_bound_are_refused_with_the_reason(workdir, capsys, text, key, fragments):
     err = refused(workdir, capsys, text)
@@ -166,6 +169,26 @@ LOSS_WHY = "<= 10000.0 (the segmentation loss has weight 1: a term 10,000 times 
 def test_plugin_parameters_past_an_upper_bound_are_refused_with_the_reason(workdir, capsys, key, value, fragment):
     err = refused(workdir, capsys, GOOD, "--set", f"{key}={value}")
     assert err.count(f"scenario.yaml: {key}:") == 1 and f"{key}: expected a value {fragment}" in err
+
+
+@pytest.mark.parametrize("args, key, fragment", [
+    (["federation.min_replies=3"], "federation.min_replies",
+     "expected <= 2 (the hospitals sampled per round), found 3: every round would be skipped"),
+    (["federation.clients_per_round=1", "federation.min_replies=2"], "federation.min_replies", "expected <= 1"),
+    (["continual.method=plop", "model.channels=[8, 16, 32, 64, 128]"], "continual.plop.scales",
+     "S = 3 needs 4×4 windows on the U-Net's bottom feature map, which is 2×2 px (data.image_size 32 halved 4 "
+     "times); at most S = 2 here"),
+])
+def test_settings_no_round_could_run_with_are_refused(workdir, capsys, args, key, fragment):
+    err = refused(workdir, capsys, GOOD, *[a for kv in args for a in ("--set", kv)])
+    assert f"scenario.yaml: {key}: {fragment}" in " ".join(err.split())
+
+
+def test_plop_at_the_scales_the_bottom_map_takes_validates(workdir, capsys):
+    (workdir / "scenario.yaml").write_text(GOOD)
+    args = ["--set", "continual.method=plop", "--set", "model.channels=[8, 16, 32, 64, 128]",
+            "--set", "continual.plop.scales=2"]
+    assert main(["validate", "scenario.yaml", *args]) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key", ["continual.odex.max_members", "augmentation.frequency.bank_size"])

@@ -15,9 +15,9 @@ A method is one class. It declares
   bound; implies ``breaks_no_rehearsal``);
 - ``server``: which federation runs it — ``"global"`` (one shared model) or ``"pool"`` (a model pool
   with shift detection, ODEx);
-- ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it.
+- ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it;
 
-and overrides the hooks it needs. :meth:`local_update` calls them in this order, in the spirit of
+may refuse settings it cannot work with before a run (:meth:`scenario_problems`), and overrides the hooks it needs. :meth:`local_update` calls them in this order, in the spirit of
 Avalanche's strategy plugins::
 
     images, labels, rounds = training_set(...)    # by default the labelled images of the windows
@@ -69,6 +69,12 @@ class Method:
 
     def __init__(self, params=None):
         self.params = params
+
+    @classmethod
+    def scenario_problems(cls, scenario) -> list[tuple[str, str]]:
+        """(dotted key, message) pairs for settings of ``scenario`` this method cannot work with, found
+        at validation instead of in every round's training."""
+        return []
 
     # ------------------------------------------------------------------ hooks
     def training_rounds(self, t: int, state: dict[str, np.ndarray]) -> list[int]:

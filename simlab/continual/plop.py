@@ -73,6 +73,12 @@ class PlopParams:
         "help": "also train on the window's unlabelled images, labelled by the received model where confident"})
 
 
+def smallest_map(scenario) -> int:
+    """Side of the smallest feature map local POD pools: the U-Net's bottom block, the image halved
+    once per level after the first (:attr:`simlab.models.unet.ModelSpec.size_multiple`)."""
+    return scenario.data.image_size // scenario.model.size_multiple
+
+
 def unet_blocks(model: torch.nn.Module) -> list[str]:
     """Names of the MONAI U-Net's encoder blocks, bottom block and decoder blocks but the last."""
     seq, prefix, down, up = getattr(model, "model", None), "model", [], []
@@ -169,6 +175,18 @@ class PLOP(DistilsReceivedModel):
     help = "PLOP: local POD distillation of the received model's features (+ its pseudo-labels on unlabelled images)"
     family = "distillation"
     Params = PlopParams
+
+    @classmethod
+    def scenario_problems(cls, scenario) -> list[tuple[str, str]]:
+        """The finest grid, 2^(S−1) × 2^(S−1) windows, must fit the bottom block's feature map."""
+        scales, side = scenario.continual.plop.scales, smallest_map(scenario)
+        if 2 ** (scales - 1) <= side:
+            return []
+        fits = side.bit_length()  # the largest S with 2^(S-1) <= side
+        return [("continual.plop.scales", f"S = {scales} needs {2 ** (scales - 1)}×{2 ** (scales - 1)} windows on the "
+                                          f"U-Net's bottom feature map, which is {side}×{side} px (data.image_size "
+                                          f"{scenario.data.image_size} halved {len(scenario.model.channels) - 1} times); "
+                                          f"at most S = {fits} here")]
 
     def __init__(self, params: PlopParams | None = None):
         super().__init__(params or PlopParams())

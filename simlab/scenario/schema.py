@@ -59,7 +59,9 @@ class FederationSpec:
     connect_timeout_s: float = field(default=300.0, metadata={"gt": 0.0, "le": 604_800.0, "why": "one week",
                                                               "help": "at the start, wait at most this long for every "
                                                                       "hospital's node to connect"})
-    min_replies: int = field(default=1, metadata={"ge": 1, "help": "fewer replies: the round is skipped"})
+    min_replies: int = field(default=1, metadata={
+        "ge": 1, "le": 100_000, "why": "no round samples that many hospitals",
+        "help": "fewer replies: the round is skipped (at most the hospitals sampled per round)"})
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ EvaluationSpec = assemble(
     "When and on what the deployed model is evaluated, and the test-time adaptation applied first "
     "(``adaptation``, with each registered adaptation's params in ``evaluation.<name>``).",
     [
-        ("every", int, field(default=5, metadata={"ge": 1, "help": "evaluate every k rounds (and at boundaries)"})),
+        ("every", int, field(default=5, metadata={
+            "ge": 1, "le": 10_000, "why": "federation.rounds ≤ 10,000: a longer period never comes",
+            "help": "evaluate every k rounds (and at boundaries)"})),
         ("at_boundaries", bool, field(default=True)),
         ("test_size", int, field(default=64, metadata={
             "ge": 1, "le": 100_000, "why": "each domain's test set is held in memory: 100,000 images of 128² px take 6.6 GB",
@@ -94,8 +98,9 @@ EvaluationSpec = assemble(
 @dataclass(frozen=True)
 class EngineSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    cpus_per_client: float = field(default=1.0, metadata={"gt": 0.0,
-                                                          "help": "CPU cores reserved per virtual hospital"})
+    cpus_per_client: float = field(default=1.0, metadata={
+        "gt": 0.0, "le": 1024.0, "why": "Ray places each virtual hospital on one node, and no node has more cores",
+        "help": "CPU cores reserved per virtual hospital"})
     gpus_per_client: float | None = field(default=None, metadata={"ge": 0.0, "le": 1.0,
                                                                   "help": "GPU share per hospital (default: 1/hospitals on a GPU machine)"})
     deterministic: bool = field(default=True, metadata={"help": "deterministic torch algorithms"})
@@ -198,6 +203,9 @@ class Scenario(DerivedFacts):
             p.append(("hospitals", "every hospital has participates: false; at least one must train"))
         elif cpr is not None and cpr > trainers:
             p.append(("federation.clients_per_round", f"expected <= {trainers} (hospitals that participate), found {cpr}"))
+        elif trainers and self.federation.min_replies > (cpr or trainers):
+            p.append(("federation.min_replies", f"expected <= {cpr or trainers} (the hospitals sampled per round), found "
+                                                f"{self.federation.min_replies}: every round would be skipped"))
         return (p + self._size_problems() + self._combination_problems() + self._unlabelled_problems()
                 + self._arm_problems())
 
@@ -262,7 +270,7 @@ class Scenario(DerivedFacts):
         if method.server == "pool" and self.evaluation.adaptation != "none":
             p.append(("evaluation.adaptation", "test-time adaptation is not combined with a routed model pool "
                                                f"(continual method {self.continual.method!r}) yet"))
-        p += adaptation_class(self.evaluation).scenario_problems(self)
+        p += method.scenario_problems(self) + adaptation_class(self.evaluation).scenario_problems(self)
         p += self._krum_problems()
         if self.augmentation.frequency.enabled and not method.with_frequency_augmentation:
             p.append(("augmentation.frequency.enabled",
