@@ -16,6 +16,7 @@ number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process a signal 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -64,6 +65,19 @@ def reinstall() -> None:
         _install()
 
 
+class _QuietOnceStopped(logging.Filter):
+    """Drops Flower's log records once a stop was asked for: the signal also reaches the Ray workers
+    (they share the terminal's process group), and Flower's engine threads then log every message they
+    can no longer deliver ("The actor pool is empty", with a traceback) while the run is stopping.
+    Those are consequences of the stop, not problems of the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not STOP.is_set()
+
+
+_QUIET = _QuietOnceStopped()
+
+
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """Within the block (in the main thread), SIGINT and SIGTERM stop the run as described above."""
@@ -72,6 +86,8 @@ def handle_signals() -> Iterator[None]:
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     _install()
     _active.set()
+    logging.getLogger("flwr").addFilter(_QUIET)  # kept: it drops nothing until a stop, and the engine
+    # threads may still log while the process winds down after this block
     if not getattr(threading.excepthook, "_simlab", False):  # the ServerApp thread stops after the block
         hook = threading.excepthook
 

@@ -255,6 +255,36 @@ def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, capsys
     assert a["ewc"]["server_optimizer"] == "adam"
 
 
+def test_flower_logs_nothing_once_a_stop_was_asked_for():
+    """After the signal, Flower's engine threads log every message they can no longer deliver (with a
+    traceback) while the run stops: those records are dropped; before a stop, and after the next run
+    begins, Flower's records pass."""
+    import logging
+
+    from simlab import interrupt
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    flwr_log, keep = logging.getLogger("flwr"), Keep()
+    flwr_log.addHandler(keep)
+    try:
+        with interrupt.handle_signals():
+            flwr_log.error("before the stop")
+            interrupt.STOP.set()
+            flwr_log.error("The actor pool is empty, unfit to process messages.")
+        flwr_log.error("still stopping")
+        with interrupt.handle_signals():  # the next run
+            flwr_log.error("next run")
+    finally:
+        flwr_log.removeHandler(keep)
+        interrupt.STOP.clear()
+    assert seen == ["before the stop", "next run"]
+
+
 @pytest.mark.flower
 def test_one_sigint_stops_a_run_cleanly_and_it_resumes(uninterrupted, tmp_path, capsys):
     """One SIGINT (Ctrl-C) to `simlab run` while the odex arm trains: the process exits by itself with
