@@ -17,8 +17,9 @@ A method is one class. It declares
   with shift detection, ODEx);
 - ``with_frequency_augmentation``: whether FedDG's augmentation may be combined with it;
 
-may refuse settings it cannot work with before a run (:meth:`scenario_problems`), and overrides the hooks it needs. :meth:`local_update` calls them in this order, in the spirit of
-Avalanche's strategy plugins::
+may refuse settings it cannot work with before a run (:meth:`scenario_problems`), and overrides the
+hooks it needs. :meth:`local_update` calls them in this order, in the spirit of Avalanche's strategy
+plugins::
 
     images, labels, rounds = training_set(...)    # by default the labelled images of the windows
                                                   # training_rounds(t, state) names (only t, unless rehearsal)
