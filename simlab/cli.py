@@ -155,13 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from simlab.report.commands import dispatch
+    from simlab.report.commands import dispatch, text_console
 
     rc = dispatch(args)
     if rc is not None:
         return rc
-    from rich.console import Console
-
     from simlab.checkpoint import CheckpointError
     from simlab.data.nifti import NiftiDataError
     from simlab.engine.flwr_config import DeploymentError
@@ -169,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from simlab.config import ScenarioError
     from simlab.interrupt import Interrupted, handle_signals
 
-    console = Console(stderr=False)
-    err = Console(stderr=True)
+    console, err = text_console(), text_console(stderr=True)
     problem = _argument_problem(args)
     if problem:
         err.print(f"error: {problem}")

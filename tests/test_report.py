@@ -253,3 +253,16 @@ def test_what_happened_names_the_change_and_what_each_arm_kept_or_lost():
                               "final_dice": {"b1": 0.7}}}}
     assert "No hospital's data changed" not in what_happened(summary, scenario)
     assert "no domain left every stream." in what_happened(summary, scenario)
+
+
+def test_command_line_messages_are_not_wrapped_at_80_columns_in_a_pipe_or_log(monkeypatch, capsys):
+    """Every simlab command prints through one console (``text_console``): outside a terminal a message
+    naming a long path stays on one line (220 columns), unless $COLUMNS says otherwise."""
+    from simlab.report.commands import text_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    message = "error: /tmp/" + "x" * 120 + "/sweep: holds a sweep of another scenario"
+    text_console(stderr=True).print(message, highlight=False, markup=False)
+    assert capsys.readouterr().err == message + "\n"
+    monkeypatch.setenv("COLUMNS", "40")
+    assert text_console().width == 40

@@ -66,13 +66,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     rep.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory")
 
 
-def _console(stderr: bool = False):
-    """A rich Console; when the output is not a terminal (a pipe, a CI log) it is 220 columns wide, so that
-    long message lines stay on one line. The tables are built to fit 80 columns either way."""
+def text_console(stderr: bool = False):
+    """A rich Console for the command line; when the output is not a terminal (a pipe, a CI log) and
+    ``$COLUMNS`` does not say otherwise, it is 220 columns wide, so that a message naming a long path
+    stays on one line instead of rich's 80 columns. The tables are built to fit 80 columns either way."""
+    import os
+
     from rich.console import Console
 
     c = Console(stderr=stderr)
-    return c if c.is_terminal else Console(stderr=stderr, width=220)
+    return c if c.is_terminal or "COLUMNS" in os.environ else Console(stderr=stderr, width=220)
 
 
 def run_compare(runs: list[str], baseline: str | None = None, write_baseline: str | None = None,
@@ -85,8 +88,8 @@ def run_compare(runs: list[str], baseline: str | None = None, write_baseline: st
     from simlab.compare import CompareError, group_runs, load_run, paired_tables
     from simlab.rundir import RunDirError, expand_sweeps
 
-    console = console or _console()
-    err = err or _console(stderr=True)
+    console = console or text_console()
+    err = err or text_console(stderr=True)
     try:
         tol = parse_tolerance_args(tolerances or [])
         infos = [load_run(r) for r in expand_sweeps(runs)]
@@ -152,8 +155,8 @@ def run_report(run_dir: str, console=None, err=None) -> int:
     """``simlab report``: write the HTML report and print its path. Returns the exit status."""
     from simlab.report.html import ReportError, write_report
 
-    console = console or _console()
-    err = err or _console(stderr=True)
+    console = console or text_console()
+    err = err or text_console(stderr=True)
     try:
         out = write_report(Path(run_dir))
     except (ReportError, OSError) as exc:
