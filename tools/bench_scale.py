@@ -24,8 +24,8 @@ from three probes of that process (``tools/bench_probes.py``):
   own processes, and the peak PSS of the whole process tree, sampled from /proc every 0.2 s.
 
 Printed: one row per configuration (means over rounds 1..T; with ``--reps N`` every configuration
-runs N times, one after the other in turn, and each figure is the median over the N), the growth factors 16/4 and 64/16,
-ODEx bytes / sequential bytes at each H with the messages that make the difference, and the
+runs N times, one after the other in turn, and each figure is the median over the N), the growth
+factors 16/4 and 64/16, ODEx bytes / sequential bytes at each H with the messages that make the difference, and the
 acceptance checks (time and bytes at most linear in the sampled hospitals, ODEx bytes <= 1.5 x
 sequential at the largest H, driver memory not growing with hospitals × model).
 
@@ -261,7 +261,7 @@ def run_one(args, tmp: Path, arm: str, h: int, k: int) -> dict:
 def run_configs(args, hs: list[int]) -> tuple[dict, dict]:
     """Generate the data once, then run every (arm, H, sampled) in a process of its own; the
     summaries by (arm, H, sampled) and the raw measurements by name."""
-    results, raw = {}, {}
+    raw: dict = {}
     with tempfile.TemporaryDirectory(prefix="simlab-bench-scale-") as tmp:
         cache = str(Path(tmp) / "cache")
         from simlab.runner import prepare_data

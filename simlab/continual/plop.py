@@ -73,12 +73,6 @@ class PlopParams:
         "help": "also train on the window's unlabelled images, labelled by the received model where confident"})
 
 
-def smallest_map(scenario) -> int:
-    """Side of the smallest feature map local POD pools: the U-Net's bottom block, the image halved
-    once per level after the first (:attr:`simlab.models.unet.ModelSpec.size_multiple`)."""
-    return scenario.data.image_size // scenario.model.size_multiple
-
-
 def unet_blocks(model: torch.nn.Module) -> list[str]:
     """Names of the MONAI U-Net's encoder blocks, bottom block and decoder blocks but the last."""
     seq, prefix, down, up = getattr(model, "model", None), "model", [], []
@@ -178,8 +172,9 @@ class PLOP(DistilsReceivedModel):
 
     @classmethod
     def scenario_problems(cls, scenario) -> list[tuple[str, str]]:
-        """The finest grid, 2^(S−1) × 2^(S−1) windows, must fit the bottom block's feature map."""
-        scales, side = scenario.continual.plop.scales, smallest_map(scenario)
+        """The finest grid, 2^(S−1) × 2^(S−1) windows, must fit the smallest feature map local POD pools:
+        the bottom block's, the image halved once per level after the first."""
+        scales, side = scenario.continual.plop.scales, scenario.data.image_size // scenario.model.size_multiple
         if 2 ** (scales - 1) <= side:
             return []
         fits = side.bit_length()  # the largest S with 2^(S-1) <= side
